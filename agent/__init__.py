@@ -1,0 +1,1 @@
+"""Device side of prune-pack. Never imports torch, ultralytics, or anything from deploy/ or pruning/."""

@@ -1,0 +1,88 @@
+"""Typed configuration sections of the device side.
+
+The loader (``prune_pack.config``) validates a YAML file against these dataclasses and hands
+each component its own section; components never see the raw dict.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+
+@dataclass
+class DeviceSection:
+    id: str = "device-1"  # unique per device; part of every MQTT topic
+    site: str = "default"  # groups devices on a dashboard; part of every MQTT topic
+
+
+@dataclass
+class TlsSection:
+    ca: Optional[str] = None  # CA bundle that signed the broker's certificate
+    cert: Optional[str] = None  # client certificate (mutual TLS), optional
+    key: Optional[str] = None  # client key, with cert
+    insecure: bool = False  # skip hostname verification (test brokers only)
+
+
+@dataclass
+class MqttSection:
+    broker: Optional[str] = None  # mqtt://host:1883 or mqtts://host:8883; None = no MQTT
+    prefix: str = "prunepack"  # topic root: {prefix}/{site}/{device_id}/...
+    client_id: Optional[str] = None  # default: prune-pack-{device.id}
+    username: Optional[str] = None
+    password_file: Optional[str] = None  # read at start; never logged
+    password_env: Optional[str] = None  # name of an environment variable holding the password
+    tls: TlsSection = field(default_factory=TlsSection)
+    keepalive_s: int = 30
+    reconnect_min_s: float = 1.0  # exponential backoff from here ...
+    reconnect_max_s: float = 60.0  # ... up to here
+    queue_max: int = 10000  # offline queue bound (messages); oldest dropped first
+
+
+@dataclass
+class ProfileSection:
+    threads: int = 2  # ORT intra-op threads; 0 = ORT default (all cores)
+    warmup: int = 10  # runs excluded from the statistics
+    runs: int = 100  # measured runs (ignored when seconds is set)
+    seconds: Optional[float] = None  # measure for this long instead of a fixed run count
+    backend: Literal["ort", "openvino", "all"] = "ort"
+    precision: Optional[str] = None  # None = the package's own precision
+
+
+@dataclass
+class InferenceSection:
+    backend: Literal["ort", "openvino"] = "ort"
+    precision: Optional[str] = None  # None = the package's own precision
+    workers: int = 0  # inference workers; 0 = chosen from the core count
+    threads: int = 0  # threads per worker; 0 = chosen from the core count
+    conf: float = 0.25  # confidence threshold for detections
+    iou: float = 0.7  # NMS IoU threshold (Ultralytics' default)
+    max_det: int = 300
+
+
+@dataclass
+class StreamSection:
+    name: str = ""  # used in topics and metrics: letters, digits, - and _
+    source: str = ""  # video file, rtsp:// / http:// URL, or a V4L2 index like "0" or /dev/video0
+    queue: int = 1  # frames buffered per stream; 1 = latest-frame policy
+    loop: bool = True  # a video file restarts at its end (False: the stream stops)
+    fps_limit: Optional[float] = None  # read at most this many frames per second
+    publish_detections: bool = False  # send detections to {…}/detections/{name}
+    detections_rate_hz: float = 2.0  # at most this many detection messages per second
+    conf: Optional[float] = None  # per-stream override of inference.conf
+    sink: Optional[str] = None  # JSON-lines file to append detections to
+    retry_min_s: float = 1.0  # reopen backoff after a failure ...
+    retry_max_s: float = 30.0  # ... up to here
+
+
+@dataclass
+class AgentSection:
+    state_dir: str = "/var/lib/prune-pack"  # model store, offline queue, session counter, caches
+    telemetry_interval_s: float = 10.0
+    trusted_keys: list[str] = field(default_factory=list)  # Ed25519 public key files (PEM)
+    revoked_keys: list[str] = field(default_factory=list)  # wins over trusted_keys
+    max_package_mb: float = 512.0  # packages or members over this are rejected
+    max_inline_mb: float = 16.0  # base64 packages inside an MQTT command
+    max_payload_kb: float = 32768.0  # any larger command payload is refused
+    allow_unsigned: bool = False  # development only: accept packages without a signature
+    watchdog: bool = True  # send systemd WATCHDOG=1 from the working loop when NOTIFY_SOCKET is set

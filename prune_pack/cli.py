@@ -1,0 +1,234 @@
+"""The one command-line entry point: ``prune-pack``.
+
+Host-only modules (torch, ultralytics) are imported lazily, so that ``prune-pack profile``
+and ``prune-pack agent run`` work on a device install. Every handler returns a dict: printed
+as one JSON object (the last stdout line) with ``--json``, as ``key: value`` lines otherwise.
+Errors are one line on stderr and a non-zero exit; tracebacks only with ``--debug``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import json
+import os
+import sys
+from typing import Any, Callable, Optional, Sequence
+
+from prune_pack import __version__
+from prune_pack.errors import MissingExtraError, PrunePackError
+
+# command -> (module, function, host-only?)
+HANDLERS: dict[str, tuple[str, str, bool]] = {
+    "build": ("prune_pack.deploy.build", "cli_build", True),
+    "prune": ("prune_pack.pruning.prune", "cli_prune", True),
+    "finetune": ("prune_pack.pruning.finetune", "cli_finetune", True),
+    "val": ("prune_pack.pruning.finetune", "cli_val", True),
+    "export": ("prune_pack.deploy.export", "cli_export", True),
+    "verify": ("prune_pack.agent.package", "cli_verify", False),
+    "keys init": ("prune_pack.agent.package", "cli_keys_init", False),
+    "profile": ("prune_pack.agent.profiler", "cli_profile", False),
+    "deploy": ("prune_pack.deploy.remote", "cli_deploy", False),
+    "devices": ("prune_pack.deploy.remote", "cli_devices", False),
+    "agent run": ("prune_pack.agent.daemon", "cli_agent_run", False),
+    "config check": ("prune_pack.cli", "cli_config_check", False),
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (its default prints the whole usage first)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _common(json_flag: bool = True, config: bool = True) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    if json_flag:
+        p.add_argument("--json", action="store_true", help="print the result as one JSON object (last stdout line)")
+    if config:
+        p.add_argument("--config", metavar="FILE", help="configuration file (see config.example.yaml)")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    root = _Parser(prog="prune-pack", description="Prune YOLOv8 detectors to a latency target, pack them signed, and run them on industrial PCs.")
+    root.add_argument("--version", action="version", version=f"prune-pack {__version__}")
+    sub = root.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    common = _common()
+
+    b = sub.add_parser("build", parents=[common], help="prune, fine-tune, export and package to meet a latency target on the device")
+    b.add_argument("--model", metavar="PT", help="Ultralytics .pt detection model (default: the built-in demo model)")
+    b.add_argument("--data", metavar="YAML", help="dataset yaml (default: the built-in demo dataset)")
+    b.add_argument("--target-ms", type=float, required=True, help="latency target in milliseconds")
+    b.add_argument("--percentile", choices=["p50", "p90", "p95", "p99"], help="latency percentile the target applies to (default p95)")
+    b.add_argument("--imgsz", type=int, help="input size (default 640)")
+    b.add_argument("--threads", type=int, help="inference threads on the device (default 2)")
+    b.add_argument("--epochs", type=int, help="fine-tuning epochs at the chosen point (default 10)")
+    b.add_argument("--criterion", help="channel importance criterion (default: the measured best)")
+    b.add_argument("--precision", choices=["auto", "fp32", "int8", "bf16"], help="precision search space (default fp32)")
+    b.add_argument("--backend", choices=["auto", "ort", "openvino"], help="runtime on the device (default ort)")
+    b.add_argument("--int8", action="store_true", help="shorthand for --precision int8")
+    b.add_argument("--device", help="'local' (default) or a device id reached over MQTT")
+    b.add_argument("--broker", metavar="URL", help="MQTT broker URL for a remote device (overrides the config)")
+    b.add_argument("--sign", metavar="KEYFILE", help="Ed25519 private key (default: the user's key, created on first use)")
+    b.add_argument("--resume", action="store_true", help="continue an interrupted build in --out")
+    b.add_argument("--out", metavar="DIR", help="output folder (default ./build)")
+
+    p = sub.add_parser("prune", parents=[common], help="remove whole channels from a detection model")
+    p.add_argument("--model", metavar="PT", required=True)
+    p.add_argument("--ratio", type=float, required=True, help="fraction of prunable output channels to remove, before rounding")
+    p.add_argument("--criterion", help="l1, l2, bn_scale, taylor, act_var (default: the measured best)")
+    p.add_argument("--data", metavar="YAML", help="calibration data for data-aware criteria and bias compensation")
+    p.add_argument("--imgsz", type=int, default=640)
+    p.add_argument("--allocation", choices=["uniform", "sensitivity"], help="how the ratio is spread over layers")
+    p.add_argument("--out", metavar="PT", required=True)
+
+    f = sub.add_parser("finetune", parents=[common], help="fine-tune a (pruned) model to win accuracy back")
+    f.add_argument("--model", metavar="PT", required=True)
+    f.add_argument("--data", metavar="YAML", required=True)
+    f.add_argument("--epochs", type=int, required=True)
+    f.add_argument("--imgsz", type=int, default=640)
+    f.add_argument("--batch", type=int)
+    f.add_argument("--lr0", type=float)
+    f.add_argument("--teacher", metavar="PT", help="distil from this model (usually the unpruned one)")
+    f.add_argument("--out", metavar="PT", required=True)
+
+    v = sub.add_parser("val", parents=[common], help="mAP of a .pt or .onnx model on a dataset's val split")
+    v.add_argument("--model", metavar="PT|ONNX", required=True)
+    v.add_argument("--data", metavar="YAML", required=True)
+    v.add_argument("--imgsz", type=int, default=640)
+
+    e = sub.add_parser("export", parents=[common], help="export to ONNX (optionally INT8) with a parity check, and pack")
+    e.add_argument("--model", metavar="PT", required=True)
+    e.add_argument("--imgsz", type=int, help="input size (default 640)")
+    e.add_argument("--int8", action="store_true", help="static INT8 quantization (needs --data for calibration and the accuracy gate)")
+    e.add_argument("--data", metavar="YAML")
+    e.add_argument("--dynamic", action="store_true", help="dynamic batch dimension")
+    e.add_argument("--sign", metavar="KEYFILE", help="Ed25519 private key to sign the package")
+    e.add_argument("--name", help="model name in the manifest (default: the checkpoint's stem)")
+    e.add_argument("--version-number", type=int, dest="version_number", help="manifest version (default: next for this name)")
+    e.add_argument("--out", metavar="PACKAGE", required=True, help="package file to write (.ppk), or .onnx for the bare model")
+
+    ver = sub.add_parser("verify", parents=[_common(config=True)], help="verify a package's hashes and signature")
+    ver.add_argument("package", metavar="PACKAGE")
+    ver.add_argument("--pubkey", metavar="FILE", action="append", help="trusted public key (repeatable)")
+    ver.add_argument("--allow-unsigned", action="store_true", help="accept a package without signature (development only)")
+
+    k = sub.add_parser("keys", help="signing keys")
+    ksub = k.add_subparsers(dest="keys_command", metavar="ACTION", parser_class=_Parser)
+    ki = ksub.add_parser("init", parents=[_common(config=False)], help="create an Ed25519 key pair")
+    ki.add_argument("--out", metavar="DIR", required=True, help="writes DIR/signing.key (0600) and DIR/signing.pub")
+    ki.add_argument("--force", action="store_true", help="overwrite an existing key pair")
+
+    pr = sub.add_parser("profile", parents=[common], help="measure latency and memory of a model or package on this machine")
+    pr.add_argument("model", metavar="MODEL.onnx|PACKAGE")
+    pr.add_argument("--threads", type=int, help="intra-op threads (default 2; 0 = runtime default)")
+    pr.add_argument("--warmup", type=int, help="warm-up runs, excluded (default 10)")
+    g = pr.add_mutually_exclusive_group()
+    g.add_argument("--runs", type=int, help="measured runs (default 100)")
+    g.add_argument("--seconds", type=float, help="measure for this long instead")
+    pr.add_argument("--backend", choices=["ort", "openvino", "all"], help="runtime(s) to measure (default ort)")
+    pr.add_argument("--precision", help="precision(s) to measure, comma-separated (default: the model's own)")
+    pr.add_argument("--images", metavar="DIR", help="feed real preprocessed images from this folder instead of random tensors")
+    pr.add_argument("--pubkey", metavar="FILE", action="append", help="trusted public key for a signed package")
+
+    d = sub.add_parser("deploy", parents=[common], help="send a package to a device over MQTT and activate it")
+    d.add_argument("package", metavar="PACKAGE")
+    d.add_argument("--device", required=True, help="device id")
+    d.add_argument("--broker", metavar="URL", help="MQTT broker URL (overrides the config)")
+    d.add_argument("--force", action="store_true", help="allow an older version than the active one")
+    d.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the device's answer")
+
+    dv = sub.add_parser("devices", parents=[common], help="the fleet as the retained status topics show it")
+    dv.add_argument("--broker", metavar="URL", help="MQTT broker URL (overrides the config)")
+    dv.add_argument("--wait", type=float, default=2.0, help="seconds to collect retained messages")
+
+    a = sub.add_parser("agent", help="the device daemon")
+    asub = a.add_subparsers(dest="agent_command", metavar="ACTION", parser_class=_Parser)
+    ar = asub.add_parser("run", parents=[_common(json_flag=False, config=False)], help="run the daemon")
+    ar.add_argument("--config", metavar="FILE", required=True)
+
+    c = sub.add_parser("config", help="configuration files")
+    csub = c.add_subparsers(dest="config_command", metavar="ACTION", parser_class=_Parser)
+    cc = csub.add_parser("check", parents=[_common(config=False)], help="validate a configuration file")
+    cc.add_argument("file", metavar="FILE")
+    return root
+
+
+def _command_key(args: argparse.Namespace) -> Optional[str]:
+    cmd = args.command
+    if cmd in ("keys", "agent", "config"):
+        action = getattr(args, f"{cmd}_command", None)
+        return f"{cmd} {action}" if action else None
+    return cmd
+
+
+def _handler(key: str) -> Callable[[argparse.Namespace, Any], Optional[dict]]:
+    module, func, host_only = HANDLERS[key]
+    if host_only:
+        for dep in ("torch", "ultralytics"):
+            if importlib.util.find_spec(dep) is None:
+                raise MissingExtraError(f"prune-pack {key}", "host", dep)
+    return getattr(importlib.import_module(module), func)
+
+
+def cli_config_check(args: argparse.Namespace, cfg: Any) -> dict:
+    from prune_pack.config import load_config
+
+    loaded = load_config(args.file)
+    return {"ok": True, "file": args.file, "streams": len(loaded.streams), "summary": f"{args.file}: OK"}
+
+
+def _print_result(result: dict, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(result, default=str, sort_keys=False))
+        return
+    if "summary" in result:
+        print(result["summary"])
+        return
+    for k, v in result.items():
+        if isinstance(v, (dict, list)):
+            v = json.dumps(v, default=str)
+        print(f"{k}: {v}")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    # Ultralytics must never try the network on its own (weights, fonts, version checks).
+    os.environ.setdefault("YOLO_OFFLINE", "1")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    key = _command_key(args)
+    if key is None:
+        parser.print_help(sys.stderr)
+        return 2
+    debug = getattr(args, "debug", False)
+    try:
+        cfg = None
+        if key != "config check":
+            from prune_pack.config import load_config
+
+            cfg = load_config(getattr(args, "config", None))
+        result = _handler(key)(args, cfg)
+        if result is not None:
+            _print_result(result, getattr(args, "json", False))
+        return int(result.get("exit_code", 0)) if isinstance(result, dict) else 0
+    except KeyboardInterrupt:
+        print("prune-pack: interrupted", file=sys.stderr)
+        return 130
+    except PrunePackError as e:
+        if debug:
+            raise
+        print(f"prune-pack: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except Exception as e:  # noqa: BLE001 - the last line of defence: one line, not a traceback
+        if debug:
+            raise
+        print(f"prune-pack: internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,112 @@
+"""Offline-safe resolution of models and datasets given by the user.
+
+prune-pack never downloads: Ultralytics would fetch ``yolov8n.pt`` or ``coco8.yaml`` by
+name, which hangs or fails on an offline industrial network and leaves half-written files.
+A name that is not a local file is refused up front with what to pass instead.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from prune_pack.errors import OfflineError, UserInputError
+
+# Must be set before ultralytics is imported anywhere in the process.
+os.environ.setdefault("YOLO_OFFLINE", "1")
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def resolve_model(model: str | Path) -> Path:
+    """A local .pt path, or a clear error (never a download)."""
+    p = Path(model).expanduser()
+    if p.is_file():
+        if p.suffix not in (".pt", ".pth"):
+            raise UserInputError(f"--model {model}: expected an Ultralytics .pt checkpoint, got '{p.suffix or 'no suffix'}'")
+        return p.resolve()
+    if p.parent == Path(".") and p.suffix in (".pt", ".yaml", ".yml", "") and not p.exists():
+        raise OfflineError(
+            f"model '{model}' is not a local file; prune-pack never downloads weights (this machine may be offline). "
+            "Pass the path of a local .pt file (e.g. --model /path/to/yolov8n.pt), or leave --model out to use the built-in demo model"
+        )
+    raise UserInputError(f"model file not found: {model}")
+
+
+def resolve_dataset(data: str | Path, workdir: str | Path) -> Path:
+    """Validate a dataset yaml and write a copy with an absolute ``path`` into ``workdir``.
+
+    Ultralytics resolves a relative ``path`` against its own datasets folder, not against the
+    yaml; we resolve it against the yaml's folder, which is what every user expects.
+    """
+    p = Path(data).expanduser()
+    if not p.is_file():
+        if p.parent == Path(".") and p.suffix in (".yaml", ".yml", ""):
+            raise OfflineError(
+                f"dataset '{data}' is not a local file; prune-pack never downloads datasets (this machine may be offline). "
+                "Pass the path of a local dataset yaml (Ultralytics format), or leave --data out to use the built-in demo dataset"
+            )
+        raise UserInputError(f"dataset yaml not found: {data}")
+    try:
+        cfg: Any = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise UserInputError(f"dataset yaml {data} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(cfg, dict):
+        raise UserInputError(f"dataset yaml {data}: expected a mapping with train/val/names")
+    root = Path(cfg.get("path") or ".")
+    if not root.is_absolute():
+        root = (p.parent / root).resolve()
+    if not root.is_dir():
+        raise UserInputError(f"dataset yaml {data}: path '{cfg.get('path')}' -> {root} is not a folder")
+    for split in ("train", "val"):
+        if not cfg.get(split):
+            raise UserInputError(f"dataset yaml {data}: no '{split}' split (detection needs train and val)")
+        entries = cfg[split] if isinstance(cfg[split], list) else [cfg[split]]
+        for entry in entries:
+            sp = Path(entry) if Path(entry).is_absolute() else root / entry
+            if not sp.exists():
+                raise UserInputError(f"dataset yaml {data}: {split} folder '{entry}' -> {sp} does not exist")
+    names = cfg.get("names")
+    if isinstance(names, list):
+        names = dict(enumerate(names))
+    if not isinstance(names, dict) or not names:
+        raise UserInputError(f"dataset yaml {data}: 'names' (class names) is missing or empty")
+    cfg["path"] = str(root)
+    cfg["names"] = {int(k): str(v) for k, v in names.items()}
+    cfg["nc"] = len(cfg["names"])
+    out_dir = Path(workdir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # Stable name per source so that repeated runs reuse the same file.
+    tag = hashlib.sha256(str(p.resolve()).encode()).hexdigest()[:8]
+    out = out_dir / f"{p.stem}-{tag}.yaml"
+    tmp = out.with_suffix(".yaml.tmp")
+    tmp.write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
+    os.replace(tmp, out)
+    return out
+
+
+def dataset_images(data_yaml: str | Path, split: str = "val", limit: int | None = None) -> list[Path]:
+    """Image files of a resolved dataset's split, sorted (deterministic calibration sets)."""
+    cfg = yaml.safe_load(Path(data_yaml).read_text(encoding="utf-8"))
+    root = Path(cfg["path"])
+    entries = cfg[split] if isinstance(cfg[split], list) else [cfg[split]]
+    exts = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
+    files: list[Path] = []
+    for entry in entries:
+        sp = Path(entry) if Path(entry).is_absolute() else root / entry
+        if sp.is_dir():
+            files += sorted(f for f in sp.rglob("*") if f.suffix.lower() in exts)
+        elif sp.suffix == ".txt":
+            files += [Path(line.strip()) if Path(line.strip()).is_absolute() else root / line.strip()
+                      for line in sp.read_text().splitlines() if line.strip()]
+    return files[:limit] if limit else files
