@@ -3,6 +3,7 @@ Mosquitto broker on 127.0.0.1 with a password file and an ACL, and small real mo
 
 from __future__ import annotations
 
+import getpass
 import os
 import shutil
 import socket
@@ -115,6 +116,8 @@ class Broker:
         os.chmod(acl, 0o600)
         self.conf = root / "mosquitto.conf"
         self.conf.write_text(
+            # As root, mosquitto would drop to its own user, which cannot read our temp dir.
+            f"user {getpass.getuser()}\n"
             f"listener {self.port} 127.0.0.1\nallow_anonymous false\npassword_file {passwd}\n"
             f"acl_file {acl}\npersistence false\nlog_dest file {root / 'mosquitto.log'}\n"
             "log_type error\nlog_type warning\nlog_type notice\n"
