@@ -73,6 +73,8 @@ class StreamSection:
     sink: Optional[str] = None  # JSON-lines file to append detections to
     retry_min_s: float = 1.0  # reopen backoff after a failure ...
     retry_max_s: float = 30.0  # ... up to here
+    policy: Literal["latest", "block"] = "latest"  # full queue: drop the oldest frame, or (files) make the reader wait
+    max_age_ms: Optional[float] = None  # frames older than this when a worker takes them are dropped as stale
 
 
 @dataclass

@@ -20,6 +20,7 @@ from typing import Optional
 
 import numpy as np
 
+import prune_pack
 from prune_pack.errors import UserInputError
 
 DEMO_VERSION = 1  # bump when the generator changes: the cache folder name changes with it
@@ -28,7 +29,7 @@ IMG_SIZE = 640
 N_TRAIN = 200
 N_VAL = 50
 SEED = 20261129
-DEMO_DIR = Path(__file__).resolve().parent.parent / "demo"  # prune_pack/demo (package data)
+DEMO_DIR = Path(prune_pack.__file__).resolve().parent / "demo"  # package data (pyproject: "prune_pack" = ["demo/*"])
 DEMO_PT = DEMO_DIR / "demo.pt"
 DEMO_IMGSZ = 640
 DEMO_EPOCHS = 2  # the default fine-tune of the demo build: keeps the whole run under 10 minutes
@@ -197,7 +198,7 @@ def train_demo(out: Path, init: str, epochs: int, imgsz: int, batch: int, worker
     model = YOLO(init)
     model.train(data=str(data_abs), epochs=epochs, imgsz=imgsz, batch=batch, workers=workers, device="cpu",
                 project=str(work), name="stage1", exist_ok=True, plots=False, amp=False, seed=0, deterministic=True,
-                mosaic=1.0, close_mosaic=max(1, epochs // 4), patience=0, verbose=False)
+                mosaic=1.0, close_mosaic=max(1, epochs // 4), patience=0, cache=True, verbose=False)
     best = work / "stage1" / "weights" / "last.pt"
     if finish_epochs:
         model = YOLO(str(best))
@@ -224,7 +225,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     g = sub.add_parser("data", help="generate the demo dataset into the cache and print its yaml")
     g.add_argument("--root")
     t = sub.add_parser("train", help="train the demo checkpoint (writes prune_pack/demo/demo.pt)")
-    t.add_argument("--init", default="yolov8n.yaml", help="starting checkpoint or architecture yaml")
+    t.add_argument("--init", default=str(DEMO_DIR / "demo-yolov8.yaml"), help="starting checkpoint or architecture yaml")
     t.add_argument("--epochs", type=int, default=15)
     t.add_argument("--imgsz", type=int, default=320)
     t.add_argument("--batch", type=int, default=16)

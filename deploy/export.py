@@ -25,9 +25,6 @@ from prune_pack.errors import PrunePackError, UserInputError
 
 os.environ.setdefault("YOLO_OFFLINE", "1")
 
-MANIFEST_FORMAT = 1  # our own layout revision of the fields below (agent.package owns schema_version)
-
-
 class ParityError(PrunePackError):
     """The exported ONNX model does not compute what the PyTorch model computes."""
 
@@ -343,7 +340,6 @@ def host_latency(onnx_path: str | Path, threads: int = 2, warmup: int = 3, runs:
 def build_manifest(
     *,
     name: str,
-    version: int,
     onnx_path: str | Path,
     names: dict,
     precision: str,
@@ -351,28 +347,35 @@ def build_manifest(
     provenance: dict,
     metrics: dict,
     validated: list[dict],
+    version: Optional[int] = None,
     parity: Optional[dict] = None,
     quantization: Optional[dict] = None,
 ) -> dict:
-    """Everything the device and a reviewer need to know about one deployment (sha256 and size
-    of the ONNX and the schema version are filled by ``agent.package.write_package``)."""
+    """Everything the device and a reviewer need to know about one deployment.
+
+    ``agent.package.write_package`` adds ``schema``, ``sha256``, ``size``, ``created``,
+    ``prune_pack_version``, ``signer`` and, when ``version`` is None, the next version number
+    for ``name``.
+    """
     from prune_pack import __version__
 
     io = onnx_io(onnx_path)
-    man = {
+    man: dict[str, Any] = {
         "name": name,
-        "version": int(version),
         "precision": precision,
         "imgsz": imgsz,
         "input": io["input"],
         "outputs": io["outputs"],
-        "names": {str(int(k)): str(v) for k, v in names.items()},
+        "names": [str(names[k]) for k in sorted(names, key=int)],
         "provenance": provenance,
         "metrics": metrics,
-        "validated": validated,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z"),
         "prune_pack_version": __version__,
     }
+    if validated:  # absent = nothing measured (agent.package then allows only the own precision)
+        man["validated"] = validated
+    if version is not None:
+        man["version"] = int(version)
     if parity is not None:
         man["parity"] = parity
     if quantization is not None:
@@ -381,16 +384,18 @@ def build_manifest(
 
 
 def provenance_of(model_pt: Path, prune_prov: dict) -> dict:
+    """Where the model came from: the checkpoint's hash and, for a pruned one, how it was pruned."""
     from prune_pack.pruning.sources import sha256_file
 
-    prov = {
-        "source_sha256": sha256_file(model_pt),
-        "base_model_sha256": prune_prov.get("base_model_sha256") or prune_prov.get("base_sha256") or sha256_file(model_pt),
+    own = sha256_file(model_pt)
+    prov: dict[str, Any] = {
+        "source_sha256": own,
+        "base_sha256": prune_prov.get("base_sha256") or prune_prov.get("base_model_sha256") or own,
         "pruned": bool(prune_prov),
     }
-    for k in ("criterion", "ratio", "widths", "per_layer_widths", "allocation", "finetune"):
-        if k in prune_prov:
-            prov[k] = prune_prov[k]
+    for k, v in prune_prov.items():
+        if k not in prov and isinstance(v, (str, int, float, bool, list, dict, type(None))):
+            prov[k] = v  # criterion, ratio, widths, allocation, fine-tuning ... as the pruner recorded them
     return prov
 
 
@@ -433,6 +438,7 @@ def export_package(
     calib_images: int = 32,
     max_map_drop: float = 0.010,
     latency_runs: int = 20,
+    registry: Optional[str | Path] = None,
     val_fn: Optional[Callable[[Any, Any, int], dict]] = None,
 ) -> dict:
     """export -> parity -> (INT8 -> val both -> gate) -> manifest -> package.
@@ -492,18 +498,16 @@ def export_package(
                     "summary": f"wrote {out} ({precision}, parity OK)"}
         if latency_runs > 0:
             _log("measuring host latency (ORT, 2 threads)")
-            metrics["host_latency"] = host_latency(final, threads=2, runs=latency_runs)
+            metrics["host_latency"] = host_latency(final, threads=2, runs=latency_runs) | {"imgsz": imgsz}
         from prune_pack.agent import package as pkg
 
-        if version is None:
-            version = pkg.next_version(name) if hasattr(pkg, "next_version") else 1
+        if version is not None:
+            pkg.record_version(name, version, registry)  # the next automatic version stays newer
         man = build_manifest(name=name, version=version, onnx_path=final, names=names, precision=precision, imgsz=imgsz,
                              provenance=provenance_of(model_pt, prune_prov), metrics=metrics, validated=validated,
                              parity=parity, quantization=quant)
-        key = None
-        if sign:
-            key = pkg.load_private_key(sign) if hasattr(pkg, "load_private_key") else sign
-        path = pkg.write_package(final, man, out, signing_key=key)
+        path = pkg.write_package(final, man, out, signing_key=sign, registry=registry)
+        version = pkg.read_manifest(path)["version"]
     return {
         "out": str(path),
         "name": name,
@@ -513,7 +517,7 @@ def export_package(
         "parity": parity,
         "validated": validated,
         "metrics": metrics,
-        "summary": f"wrote {path} ({name} v{version}, {precision}, parity OK{', signed' if sign else ', unsigned'})",
+        "summary": f"wrote {path} ({name} v{version}, {precision}, parity OK, {'signed' if sign else 'unsigned'})",
     }
 
 
@@ -532,10 +536,12 @@ def cli_export(args: argparse.Namespace, cfg: Any) -> dict:
         raise UserInputError(f"--imgsz {imgsz}: must be a positive multiple of 32 (the model's largest stride)")
     if args.sign and not Path(args.sign).is_file():
         raise UserInputError(f"--sign {args.sign}: key file not found")
+    max_drop = ec.int8_max_map_drop if getattr(args, "max_map_drop", None) is None else args.max_map_drop / 100.0
+    calib = getattr(args, "calib_images", None) or ec.int8_calib_images
     with tempfile.TemporaryDirectory(prefix="pp-data-") as td:
         data = resolve_dataset(args.data, td) if args.data else None
         return export_package(
             model, out, imgsz=imgsz, int8=args.int8, data_yaml=data, sign=args.sign, name=args.name,
             version=args.version_number, dynamic=args.dynamic or ec.dynamic_batch, simplify=ec.simplify, opset=ec.opset,
-            n_parity_images=ec.parity_images, calib_images=ec.int8_calib_images, max_map_drop=ec.int8_max_map_drop,
+            n_parity_images=ec.parity_images, calib_images=calib, max_map_drop=max_drop,
         )

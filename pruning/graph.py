@@ -109,21 +109,23 @@ def protected_layers(model: nn.Module) -> list[nn.Module]:
 class ChannelGroup:
     """Coupled output channels that must be removed together.
 
-    ``producers``: (Conv2d, BatchNorm2d | None, act module, idxs) whose output channels are the group's
-    channels (several for residual chains); ``consumers``: (Conv2d, idxs) whose *input*
-    channels they feed (idxs are the consumer's own input-channel indices, concat offsets applied).
-    Channel ``k`` of the group is ``producers[*].idxs[k]`` and ``consumers[*].idxs[k]``.
+    ``producers``: (Conv2d, BatchNorm2d | None, act module, idxs, roots) whose output channels are
+    the group's channels (several for residual chains); ``consumers``: (Conv2d, idxs, roots) whose
+    *input* channels they feed. ``idxs`` are the layer's own channel indices (concat offsets
+    applied), ``roots[j]`` the group channel that ``idxs[j]`` carries: a consumer can see one group
+    channel several times (SPPF's pooled copies, C2f's concat of a residual chain).
     """
 
     name: str
     tp_group: object  # torch_pruning Group (full indices)
-    producers: list[tuple[nn.Conv2d, nn.Module | None, nn.Module | None, list[int]]] = field(default_factory=list)
-    consumers: list[tuple[nn.Conv2d, list[int]]] = field(default_factory=list)
+    producers: list[tuple[nn.Conv2d, nn.Module | None, nn.Module | None, list[int], list[int]]] = field(default_factory=list)
+    consumers: list[tuple[nn.Conv2d, list[int], list[int]]] = field(default_factory=list)
     size: int = 0
 
     @property
     def root(self) -> nn.Conv2d:
-        return self.producers[0][0]
+        """The conv Torch-Pruning's group is rooted at (its channel k is group channel k)."""
+        return self.tp_group[0].dep.target.module
 
 
 def _owners(model: nn.Module) -> dict[nn.Conv2d, tuple[str, nn.Module | None, nn.Module | None]]:
@@ -160,29 +162,30 @@ def build_groups(model: nn.Module, imgsz: int = 64) -> tuple[object, list[Channe
     groups: list[ChannelGroup] = []
     for g in dg.get_all_groups(ignored_layers=protected, root_module_types=[nn.Conv2d]):
         producers, consumers = [], []
-        for dep, idxs in g:
+        ok = True
+        for item in g.items:
+            dep, idxs = item.dep, list(item.idxs)
+            roots = list(getattr(item, "root_idxs", None) or [])
             mod = dep.target.module
             if not isinstance(mod, nn.Conv2d):
                 continue
+            if len(roots) != len(idxs) or any(r is None for r in roots) or mod.groups > 1:
+                ok = False  # depthwise chains (YOLO11 head) / unmapped indices: keep the group whole
+                break
             if dg.is_out_channel_pruning_fn(dep.handler):
-                if mod.groups > 1:
-                    break  # depthwise chains (YOLO11 head): not handled by compensation; keep whole
                 _, bn, act = owners[mod]
-                producers.append((mod, bn, act, list(idxs)))
+                producers.append((mod, bn, act, idxs, roots))
             elif dg.is_in_channel_pruning_fn(dep.handler):
-                if mod.groups > 1:
-                    break
-                consumers.append((mod, list(idxs)))
-        else:
-            if not producers:
-                continue
-            producers.sort(key=lambda p: order[p[0]])
-            size = len(producers[0][3])
-            if any(len(p[3]) != size for p in producers) or any(len(c[1]) != size for c in consumers):
-                continue  # not a one-to-one channel coupling: leave it alone
-            name = owners[producers[0][0]][0]
-            groups.append(ChannelGroup(name=name, tp_group=g, producers=producers, consumers=consumers, size=size))
-    groups.sort(key=lambda gr: order[gr.root])
+                consumers.append((mod, idxs, roots))
+        if not ok or not producers:
+            continue
+        producers.sort(key=lambda p: order[p[0]])
+        size = len(producers[0][3])
+        if any(sorted(set(p[4])) != list(range(size)) for p in producers):
+            continue
+        name = owners[producers[0][0]][0]
+        groups.append(ChannelGroup(name=name, tp_group=g, producers=producers, consumers=consumers, size=size))
+    groups.sort(key=lambda gr: order[gr.producers[0][0]])
     if not groups:
         raise UserInputError("the model has no prunable channel groups")
     return dg, groups

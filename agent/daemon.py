@@ -1,0 +1,635 @@
+"""The device daemon: ``prune-pack agent run --config FILE``.
+
+Threads: paho's network thread (only enqueues commands), two command workers (a fast lane
+for ping/status/list-models and every error answer, a slow lane for profile/deploy/activate/
+rollback, so a long deploy never delays a ping), the outbox sender (agent.mqtt), the stream
+workers (agent.streams), and the main thread: the working loop that sends telemetry, checks
+the other threads and only then tells systemd ``WATCHDOG=1``.
+
+Deploy = fetch -> verify (signature, hashes) -> validated backend/precision -> version check
+-> stage into the store -> load and profile -> atomic switch -> hot swap of the streams. A
+failure at any step answers with a reason and leaves the active model running.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import inspect
+import json
+import logging
+import os
+import queue
+import shutil
+import signal
+import socket
+import threading
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from prune_pack import __version__
+from prune_pack.agent.mqtt import SCHEMA_DETECTIONS, SCHEMA_RESULT, SCHEMA_TELEMETRY, MqttLink
+from prune_pack.agent.settings import (
+    AgentSection,
+    DeviceSection,
+    InferenceSection,
+    MqttSection,
+    ProfileSection,
+    StreamSection,
+)
+from prune_pack.agent.store import ModelStore, StoredModel, StoreError
+from prune_pack.errors import PackageRejected, PrunePackError
+
+log = logging.getLogger("prune_pack.agent.daemon")
+
+MiB = 1024 * 1024
+FAST = ("ping", "status", "list-models")
+SLOW = ("profile", "deploy", "activate", "rollback")
+COMMANDS = FAST + SLOW
+# Fault injection for the crash tests: SIGKILL ourselves at a named point of a deploy.
+CRASH_ENV = "PRUNE_PACK_CRASH_AT"
+CRASH_POINTS = ("verified", "stage_files", "staged", "before_switch", "after_switch")
+
+# Argument types per command: name -> (json types, required). request_id is checked for all.
+_STR, _BOOL, _INT, _NUM = (str,), (bool,), (int,), (int, float)
+ARGS: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
+    "ping": {},
+    "status": {},
+    "list-models": {},
+    "rollback": {},
+    "activate": {"model": (_STR, True), "force": (_BOOL, False)},
+    "deploy": {"package_b64": (_STR, False), "path": (_STR, False), "url": (_STR, False), "force": (_BOOL, False)},
+    "profile": {"package_b64": (_STR, False), "path": (_STR, False), "url": (_STR, False), "force": (_BOOL, False),
+                "backend": (_STR, False), "precision": (_STR, False), "threads": (_INT, False),
+                "warmup": (_INT, False), "runs": (_INT, False), "seconds": (_NUM, False)},
+}
+LIMITS = {"threads": (0, 256), "warmup": (0, 1000), "runs": (1, 10000), "seconds": (0.01, 600.0)}
+
+
+class CommandError(PrunePackError):
+    """A command that fails with a stable ``reason`` (sent in the answer) and a detail."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        self.reason = reason
+        self.detail = detail
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+
+
+# ---------------------------------------------------------------------- sd_notify
+
+
+def sd_notify(message: str) -> bool:
+    """systemd's notify protocol without libsystemd: one datagram to $NOTIFY_SOCKET
+    (a path, or '@name' in the abstract namespace). False when not under systemd."""
+    addr = os.environ.get("NOTIFY_SOCKET")
+    if not addr:
+        return False
+    if addr.startswith("@"):
+        addr = "\0" + addr[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+            s.connect(addr)
+            s.sendall(message.encode())
+        return True
+    except OSError as e:
+        log.warning("sd_notify(%s) failed: %s", message.split("\n")[0], e)
+        return False
+
+
+def watchdog_interval_s() -> Optional[float]:
+    """Half of systemd's watchdog timeout, if one is set for this process."""
+    usec = os.environ.get("WATCHDOG_USEC")
+    pid = os.environ.get("WATCHDOG_PID")
+    if not usec or (pid and pid != str(os.getpid())):
+        return None
+    try:
+        return max(0.05, int(usec) / 2e6)
+    except ValueError:
+        return None
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def _crash_point(name: str) -> None:
+    if os.environ.get(CRASH_ENV) == name:
+        log.error("fault injection: SIGKILL at %s", name)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _call_filtered(func: Callable, **kwargs: Any) -> Any:
+    """Call with the keyword arguments the function accepts (colleagues' signatures evolve)."""
+    params = inspect.signature(func).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return func(**kwargs)
+    return func(**{k: v for k, v in kwargs.items() if k in params})
+
+
+def _names(manifest: dict) -> dict[int, str]:
+    raw = manifest.get("names", manifest.get("classes"))
+    if isinstance(raw, list):
+        return {i: str(n) for i, n in enumerate(raw)}
+    if isinstance(raw, dict):
+        return {int(k): str(v) for k, v in raw.items() if str(k).isdigit()}
+    return {}
+
+
+def _temperature_c() -> Optional[float]:
+    try:
+        import psutil
+
+        temps = psutil.sensors_temperatures() if hasattr(psutil, "sensors_temperatures") else {}
+        vals = [t.current for entries in temps.values() for t in entries if t.current is not None]
+        if vals:
+            return round(max(vals), 1)
+    except Exception:  # noqa: BLE001 - sensors are optional and vary wildly
+        pass
+    return None
+
+
+def check_args(name: str, args: dict) -> None:
+    spec = ARGS[name]
+    for k, v in args.items():
+        if k not in spec:
+            raise CommandError("bad_request", f"unknown field {k!r} for {name} (expected: {', '.join(sorted(spec)) or 'none'})")
+        types, _ = spec[k]
+        if isinstance(v, bool) and bool not in types or not isinstance(v, types):
+            want = "/".join("number" if t is float else t.__name__ for t in types)
+            raise CommandError("bad_request", f"field {k!r} must be {want}, got {type(v).__name__}")
+        if k in LIMITS and not LIMITS[k][0] <= v <= LIMITS[k][1]:
+            raise CommandError("bad_request", f"field {k!r} must be within {LIMITS[k]}, got {v}")
+    for k, (_, required) in spec.items():
+        if required and k not in args:
+            raise CommandError("bad_request", f"field {k!r} is required for {name}")
+    sources = [k for k in ("package_b64", "path", "url") if k in args]
+    if len(sources) > 1:
+        raise CommandError("bad_request", f"give one of package_b64, path, url (got {', '.join(sources)})")
+    if name == "deploy" and not sources:
+        raise CommandError("bad_request", "deploy needs one of package_b64, path, url")
+
+
+# ---------------------------------------------------------------------- daemon
+
+
+class Daemon:
+    def __init__(self, device: DeviceSection, mqtt: MqttSection, agent: AgentSection, profile: ProfileSection,
+                 inference: InferenceSection, streams: Optional[list[StreamSection]] = None) -> None:
+        self.device, self.mqtt, self.agent = device, mqtt, agent
+        self.profile_cfg, self.inference, self.stream_cfgs = profile, inference, list(streams or [])
+        self.state_dir = Path(agent.state_dir)
+        self.store = ModelStore(self.state_dir)
+        self.cache_dir = self.state_dir / "cache"
+        self.link: Optional[MqttLink] = None
+        self.session: Any = None  # the active model, loaded
+        self.precision: Optional[str] = None
+        self.streams: Any = None
+        self._model_lock = threading.RLock()
+        self._fast: queue.Queue = queue.Queue(maxsize=256)
+        self._slow: queue.Queue = queue.Queue(maxsize=16)
+        self._workers: list[threading.Thread] = []
+        self._stop = threading.Event()
+        self.started = time.time()
+        self.ready = threading.Event()
+        self.unanswered = 0  # commands dropped because the fast queue was full
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> "Daemon":
+        return cls(cfg.device, cfg.mqtt, cfg.agent, cfg.profile, cfg.inference, cfg.streams)
+
+    # ------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.store.open()
+        for note in self.store.recovered:
+            log.warning("store recovery: %s", note)
+        self._load_initial()
+        self.link = MqttLink(self.device, self.mqtt, self.state_dir, self._enqueue, self._status_fields)
+        for name, q in (("cmd-fast", self._fast), ("cmd-slow", self._slow)):
+            t = threading.Thread(target=self._worker, args=(q,), name=name, daemon=True)
+            t.start()
+            self._workers.append(t)
+        self.link.start()
+        if self.stream_cfgs and self.session is not None:
+            self._start_streams()
+        self.ready.set()
+        sd_notify(f"READY=1\nSTATUS=serving {self._model_label()}")
+        log.info("agent ready: %s, device %s/%s", self._model_label(), self.device.site, self.device.id)
+
+    def _load_initial(self) -> None:
+        """Load the active model; a model that verifies but cannot be loaded is rolled back."""
+        for _ in range(2):
+            m = self.store.active
+            if m is None:
+                return
+            try:
+                self.session, self.precision = self._load(m)
+                return
+            except PrunePackError as e:
+                log.error("active model %s does not load (%s)", m.id, e)
+                try:
+                    self.store.rollback()
+                except StoreError:
+                    return
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    def run(self, install_signals: bool = True) -> None:
+        """The working loop (main thread): telemetry, health checks, WATCHDOG=1."""
+        if install_signals:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, lambda *_: self._stop.set())
+        wd = watchdog_interval_s() if self.agent.watchdog else None
+        tick = min(1.0, self.agent.telemetry_interval_s, wd or 1.0)
+        next_telemetry = time.monotonic()
+        try:
+            while not self._stop.is_set():
+                now = time.monotonic()
+                if now >= next_telemetry:
+                    self._send_telemetry()
+                    next_telemetry = now + self.agent.telemetry_interval_s
+                if wd is not None and self.healthy():
+                    sd_notify("WATCHDOG=1")
+                self._stop.wait(max(0.01, min(tick, next_telemetry - time.monotonic())))
+        finally:
+            self.shutdown()
+
+    def healthy(self) -> bool:
+        ok = all(t.is_alive() for t in self._workers) and (self.link is None or self.link.alive())
+        if not ok:
+            log.error("a worker thread died; withholding WATCHDOG=1 so systemd restarts the agent")
+        return ok
+
+    def shutdown(self) -> None:
+        sd_notify("STOPPING=1")
+        self._stop.set()
+        for q in (self._fast, self._slow):
+            try:
+                q.put_nowait(None)
+            except queue.Full:
+                pass
+        if self.streams is not None:
+            try:
+                self.streams.stop()
+            except Exception as e:  # noqa: BLE001
+                log.warning("stopping streams: %s", e)
+        for t in self._workers:
+            t.join(2)
+        if self.link is not None:
+            self.link.stop()
+            self.link = None
+
+    # ------------------------------------------------------------ model handling
+    def _load(self, m: StoredModel, precision: Optional[str] = None) -> tuple[Any, str]:
+        from prune_pack.agent.backends import load_session
+
+        prec = precision or self.inference.precision or m.precision
+        session = load_session(m.model_path, backend=self.inference.backend, precision=prec,
+                               threads=self.inference.threads, cache_dir=self.cache_dir)
+        return session, prec
+
+    def _start_streams(self) -> None:
+        from prune_pack.agent.streams import StreamManager
+
+        m = self.store.active
+        assert m is not None
+        from prune_pack.agent.streams import session_factory_for
+
+        factory = session_factory_for(self.inference, len(self.stream_cfgs), self.cache_dir)
+        self.streams = _call_filtered(StreamManager, streams=self.stream_cfgs, inference=self.inference,
+                                      session_factory=factory, names=_names(m.manifest),
+                                      on_detections=self._on_detections)
+        self.streams.start()
+        self.streams.swap(m.model_path, _names(m.manifest))
+
+    def _on_detections(self, stream: str, body: dict) -> None:
+        link = self.link
+        if link is None or not link.connected:
+            if link is not None:
+                link.detections_dropped += 1
+            return
+        fields = {k: v for k, v in body.items() if k not in ("schema", "device_id", "site", "session", "seq", "ts_ms", "stream", "historical")}
+        fields.setdefault("detections", [])
+        link.publish_live(link.topics.detections(stream), link.envelope(SCHEMA_DETECTIONS, stream=stream, **fields))
+
+    def _switch(self, m: StoredModel, session: Any, precision: str) -> None:
+        with self._model_lock:
+            self.session, self.precision = session, precision
+        if self.stream_cfgs:
+            if self.streams is None:
+                self._start_streams()
+            else:
+                self.streams.swap(m.model_path, _names(m.manifest))
+        if self.link is not None:
+            self.link.republish_status()
+        sd_notify(f"STATUS=serving {self._model_label()}")
+
+    def _model_label(self) -> str:
+        m = self.store.active
+        return f"{m.name} v{m.version} ({m.sha256[:12]})" if m else "no model"
+
+    def _model_info(self, m: Optional[StoredModel]) -> Optional[dict]:
+        if m is None:
+            return None
+        return {**m.summary(), "backend": self.inference.backend, "precision": self.precision or m.precision}
+
+    # ------------------------------------------------------------ status / telemetry
+    def _status_fields(self) -> dict:
+        prev = self.store.previous
+        return {"agent_version": __version__, "started_ts_ms": int(self.started * 1000),
+                "model": self._model_info(self.store.active), "previous": prev.summary() if prev else None,
+                "streams": [s.name for s in self.stream_cfgs]}
+
+    def telemetry(self) -> dict:
+        import psutil
+
+        proc = psutil.Process()
+        with proc.oneshot():
+            cpu = proc.cpu_percent(None)
+            rss = proc.memory_info().rss
+        body: dict[str, Any] = {
+            "cpu_percent": round(cpu, 1), "system_cpu_percent": round(psutil.cpu_percent(None), 1),
+            "rss_mb": round(rss / MiB, 1), "load": [round(x, 2) for x in os.getloadavg()],
+            "temperature_c": _temperature_c(), "uptime_s": round(time.time() - self.started, 1),
+            "model": self._model_info(self.store.active), "streams": {},
+            "queue": self.link.queue_info() if self.link else {"pending": 0, "dropped": 0},
+            "detections_dropped": self.link.detections_dropped if self.link else 0,
+        }
+        if self.streams is not None:
+            try:
+                body["streams"] = self.streams.metrics()
+            except Exception as e:  # noqa: BLE001 - telemetry must go out regardless
+                log.warning("stream metrics: %s", e)
+        return body
+
+    def _send_telemetry(self) -> None:
+        if self.link is None or not self.link.enabled:
+            return
+        try:
+            msg = self.link.envelope(SCHEMA_TELEMETRY, **self.telemetry())
+            self.link.send(self.link.topics.telemetry, msg, qos=0, retain=True)
+        except Exception as e:  # noqa: BLE001 - never let telemetry stop the working loop
+            log.warning("telemetry failed: %s", e)
+
+    # ------------------------------------------------------------ commands
+    def _enqueue(self, name: str, payload: bytes) -> None:
+        """paho's network thread: classify and hand over, never block."""
+        max_bytes = int(self.agent.max_payload_kb * 1024)
+        if len(payload) > max_bytes:
+            item = (name, None, CommandError("payload_too_large", f"{len(payload)} bytes > {max_bytes}"))
+        else:
+            item = (name, payload, None)
+        target = self._slow if name in SLOW and item[2] is None else self._fast
+        try:
+            target.put_nowait(item)
+        except queue.Full:
+            try:
+                self._fast.put_nowait((name, payload if len(payload) <= max_bytes else None,
+                                       CommandError("busy", f"{self._slow.maxsize} commands are waiting; retry later")))
+            except queue.Full:
+                self.unanswered += 1
+                log.error("command queue full; dropping a %s command unanswered", name)
+
+    def _worker(self, q: queue.Queue) -> None:
+        while True:
+            item = q.get()
+            if item is None or self._stop.is_set() and q is self._slow:
+                return
+            name, payload, error = item
+            try:
+                self._answer(name, payload, error)
+            except Exception as e:  # noqa: BLE001 - a worker must survive anything
+                log.exception("answering %s failed: %s", name, e)
+
+    def _answer(self, name: str, payload: Optional[bytes], error: Optional[CommandError]) -> None:
+        request_id: Optional[str] = None
+        result: Any = None
+        if payload is not None:
+            request_id = _request_id(payload)
+        if error is None:
+            try:
+                args = _parse(payload or b"")
+                request_id = args.pop("request_id")
+                if name not in COMMANDS:
+                    raise CommandError("unknown_command", f"{name!r} (known: {', '.join(COMMANDS)})")
+                check_args(name, args)
+                result = getattr(self, "cmd_" + name.replace("-", "_"))(args)
+            except CommandError as e:
+                error = e
+            except PackageRejected as e:
+                error = CommandError(e.reason, e.detail)
+            except StoreError as e:
+                error = CommandError(e.reason, e.detail)
+            except PrunePackError as e:
+                error = CommandError("failed", str(e))
+            except Exception as e:  # noqa: BLE001 - answered, logged, the daemon lives on
+                log.exception("command %s crashed", name)
+                error = CommandError("internal", f"{type(e).__name__}: {e}")
+        body: dict[str, Any] = {"request_id": request_id, "cmd": name, "ok": error is None}
+        if error is None:
+            body["result"] = result
+        else:
+            body["error"] = {"reason": error.reason, "detail": error.detail[:1000]}
+            log.info("command %s (%s) failed: %s", name, request_id, error)
+        link = self.link
+        if link is not None:
+            link.send(link.topics.result(name), link.envelope(SCHEMA_RESULT, **body), qos=1)
+
+    def cmd_ping(self, args: dict) -> dict:
+        return {"pong": True, "uptime_s": round(time.time() - self.started, 1)}
+
+    def cmd_status(self, args: dict) -> dict:
+        return {**self._status_fields(), "state": "online" if self.link and self.link.connected else "offline",
+                "queue": self.link.queue_info() if self.link else None, "session": self.link.session if self.link else None,
+                "backend": self.inference.backend, "streams_metrics": self.streams.metrics() if self.streams else {}}
+
+    def cmd_list_models(self, args: dict) -> dict:
+        return {"models": [{**m.summary(), "state": self.store.state_of(m.id)} for m in self.store.list()]}
+
+    def cmd_rollback(self, args: dict) -> dict:
+        with self._model_lock:
+            prev = self.store.previous
+            if prev is None:
+                raise CommandError("no_previous", "there is no previous model to roll back to")
+            session, precision = self._load(prev)
+            m = self.store.rollback()
+            self._switch(m, session, precision)
+            return {"active": self._model_info(m), "previous": self.store.previous.summary() if self.store.previous else None}
+
+    def cmd_activate(self, args: dict) -> dict:
+        from prune_pack.agent.package import check_validated
+
+        with self._model_lock:
+            m = self.store.find(args["model"])
+            precision = check_validated(m.manifest, self.inference.backend, self.inference.precision, args.get("force", False))
+            session, precision = self._load(m, precision)
+            self.store.activate(m.id)
+            self._switch(m, session, precision)
+            return {"active": self._model_info(m), "previous": self.store.previous.summary() if self.store.previous else None}
+
+    def cmd_deploy(self, args: dict) -> dict:
+        from prune_pack.agent.package import check_validated
+
+        force = args.get("force", False)
+        with self._model_lock, self._fetched(args) as pkg:
+            vp = self._verify(pkg)
+            try:
+                _crash_point("verified")
+                precision = check_validated(vp.manifest, self.inference.backend, self.inference.precision, force)
+                active = self.store.active
+                if active and active.name == vp.name and vp.version < active.version and not force:
+                    raise CommandError("older_version", f"{vp.name} v{vp.version} is older than the active v{active.version}; force to override")
+                m = self.store.stage(vp.dir, crash_hook=_crash_point)
+            except BaseException:
+                vp.discard()
+                raise
+            _crash_point("staged")
+            was_kept = m.id in (self.store._active, self.store._previous)  # noqa: SLF001
+            try:
+                session, precision = self._load(m, precision)
+                prof = self._profile(m.model_path, self.inference.backend, precision, {})
+                prof.pop("latencies_ms", None)
+            except Exception as e:
+                if not was_kept:
+                    self.store.remove(m.id)
+                if isinstance(e, PrunePackError):
+                    raise CommandError("load_failed", str(e)) from None
+                raise
+            if m.id == self.store._active:  # noqa: SLF001
+                return {"active": self._model_info(m), "changed": False, "profile": prof}
+            self.store.activate(m.id, crash_hook=_crash_point)
+            self._switch(m, session, precision)
+            prev = self.store.previous
+            return {"active": self._model_info(m), "changed": True, "previous": prev.summary() if prev else None,
+                    "signed": vp.signed, "key_id": vp.key_id, "profile": prof}
+
+    def cmd_profile(self, args: dict) -> dict:
+        """Profile the active model or a given package, isolated: the package is verified into a
+        private folder, measured and removed; nothing is stored or activated. Every requested
+        backend/precision is measured (``backend: all``, ``precision: "fp32,int8"``); each
+        result says whether the host ``validated`` that combination."""
+        if any(k in args for k in ("package_b64", "path", "url")):
+            with self._fetched(args) as pkg:
+                result = self._profile(pkg, args.get("backend"), args.get("precision"), args, package=True)
+            model = {k: result.get("model", {}).get(k) for k in ("name", "version", "signed", "key_id")}
+            model["sha256"] = result.get("model_sha256")
+        else:
+            m = self.store.active
+            if m is None:
+                raise CommandError("no_active_model", "no model is active; give a package to profile")
+            result = self._profile(m.model_path, args.get("backend"), args.get("precision") or self.precision, args)
+            model = m.summary()
+        result.pop("model", None)
+        return {"model": model, "activated": False, **result}
+
+    def _profile(self, model: Path, backend: Optional[str], precision: Optional[str], args: dict,
+                 package: bool = False) -> dict:
+        from prune_pack.agent.profiler import profile_model
+
+        seconds = args.get("seconds", self.profile_cfg.seconds)
+        kw: dict[str, Any] = dict(threads=args.get("threads", self.profile_cfg.threads),
+                                  warmup=args.get("warmup", self.profile_cfg.warmup),
+                                  runs=args.get("runs", self.profile_cfg.runs), seconds=seconds,
+                                  backend=backend or self.profile_cfg.backend,
+                                  precision=precision or self.profile_cfg.precision, cache_dir=self.cache_dir)
+        if package:
+            kw.update(trusted_keys=self.agent.trusted_keys, revoked_keys=self.agent.revoked_keys,
+                      allow_unsigned=self.agent.allow_unsigned, max_bytes=int(self.agent.max_package_mb * MiB))
+        try:
+            return profile_model(model, **kw)
+        except PackageRejected:
+            raise
+        except PrunePackError as e:
+            raise CommandError("profile_failed", str(e)) from None
+
+    def _verify(self, pkg: Path, staging: Optional[Path] = None) -> Any:
+        from prune_pack.agent.package import verify_package
+
+        return verify_package(pkg, trusted_keys=self.agent.trusted_keys, revoked_keys=self.agent.revoked_keys,
+                              max_bytes=int(self.agent.max_package_mb * MiB), allow_unsigned=self.agent.allow_unsigned,
+                              staging_root=staging or self.store.staging_dir)
+
+    def _fetched(self, args: dict) -> "_Fetched":
+        return _Fetched(self, args)
+
+
+class _Fetched:
+    """Context manager: the package of a command as a local file (temp files removed after)."""
+
+    def __init__(self, daemon: Daemon, args: dict) -> None:
+        self.d, self.args, self.tmp = daemon, args, None
+
+    def __enter__(self) -> Path:
+        a, agent = self.args, self.d.agent
+        if "package_b64" in a:
+            limit = int(agent.max_inline_mb * MiB)
+            if len(a["package_b64"]) > limit * 4 // 3 + 4:
+                raise CommandError("too_large", f"inline package over max_inline_mb={agent.max_inline_mb}; send a path or URL")
+            try:
+                data = base64.b64decode(a["package_b64"], validate=True)
+            except (binascii.Error, ValueError):
+                raise CommandError("bad_request", "package_b64 is not valid base64") from None
+            self.tmp = self.d.store.new_staging("incoming")
+            p = self.tmp / "package.ppk"
+            p.write_bytes(data)
+            return p
+        if "path" in a:
+            return Path(a["path"])
+        url = a["url"]
+        u = urllib.parse.urlparse(url)
+        if u.scheme == "file":
+            return Path(urllib.parse.unquote(u.path))
+        if u.scheme not in ("http", "https"):
+            raise CommandError("bad_request", f"url scheme must be file, http or https, got {u.scheme!r}")
+        limit = int(agent.max_package_mb * MiB)
+        self.tmp = self.d.store.new_staging("incoming")
+        p = self.tmp / "package.ppk"
+        try:
+            with urllib.request.urlopen(url, timeout=60) as r, open(p, "wb") as f:  # noqa: S310 - scheme checked
+                n = 0
+                for chunk in iter(lambda: r.read(1 << 20), b""):
+                    n += len(chunk)
+                    if n > limit:
+                        raise CommandError("too_large", f"download over max_package_mb={agent.max_package_mb}")
+                    f.write(chunk)
+        except OSError as e:
+            raise CommandError("fetch_failed", f"{url}: {e}") from None
+        return p
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.tmp is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def _parse(payload: bytes) -> dict:
+    try:
+        obj = json.loads(payload.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise CommandError("bad_json", "the payload is not UTF-8 JSON") from None
+    if not isinstance(obj, dict):
+        raise CommandError("bad_request", f"the payload must be a JSON object, got {type(obj).__name__}")
+    rid = obj.get("request_id")
+    if not isinstance(rid, str) or not 1 <= len(rid) <= 128:
+        raise CommandError("bad_request", "request_id (a string of 1-128 characters) is required")
+    return obj
+
+
+def _request_id(payload: bytes) -> Optional[str]:
+    """The request_id to echo even when the rest of the request is bad."""
+    try:
+        obj = json.loads(payload.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return None
+    rid = obj.get("request_id") if isinstance(obj, dict) else None
+    return rid if isinstance(rid, str) and 1 <= len(rid) <= 128 else None
+
+
+def cli_agent_run(args: Any, cfg: Any) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    d = Daemon.from_config(cfg)
+    d.start()
+    d.run(install_signals=True)
+    return None

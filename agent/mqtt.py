@@ -1,0 +1,400 @@
+"""MQTT side of the device: topics, the message envelope, an on-disk outbox, and ``MqttLink``.
+
+Topics (see docs/mqtt.md): ``{prefix}/{site}/{device_id}/`` + ``status`` (retained, QoS 1),
+``telemetry`` (QoS 0, retained), ``cmd/{name}`` (subscribed, QoS 1), ``cmd/{name}/res`` (QoS 1),
+``detections/{stream}`` (QoS 0, live only).
+
+Every payload is a JSON object with the envelope ``schema device_id site session seq ts_ms``
+(+ ``historical: true`` on replay). ``session`` is a counter on disk, incremented before
+every connection attempt (the Last Will set for that attempt carries it with ``seq`` 0);
+``seq`` counts the messages of a session from 1.
+
+Telemetry and command results always pass through the outbox (sqlite, in the state
+directory): a sender thread publishes them in order while connected and deletes each one
+only once it left (QoS 0) or was acknowledged (QoS 1). While the broker is unreachable they
+accumulate, bounded by ``mqtt.queue_max`` (oldest dropped, counted), and are replayed in order
+with QoS 1 after reconnect. Delivery is at-least-once: consumers dedupe on
+``(device_id, session, seq)``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sqlite3
+import ssl
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+from urllib.parse import urlparse
+
+from prune_pack.agent.settings import DeviceSection, MqttSection
+from prune_pack.errors import ConfigError
+
+log = logging.getLogger("prune_pack.agent.mqtt")
+
+SCHEMA_STATUS = "status/1"
+SCHEMA_TELEMETRY = "telemetry/1"
+SCHEMA_RESULT = "cmd-result/1"
+SCHEMA_DETECTIONS = "detections/1"
+SCHEMA_REQUEST = "cmd-request/1"  # what hosts send (documented; the device checks fields itself)
+
+
+@dataclass(frozen=True)
+class Topics:
+    prefix: str
+    site: str
+    device_id: str
+
+    @property
+    def base(self) -> str:
+        return f"{self.prefix}/{self.site}/{self.device_id}"
+
+    @property
+    def status(self) -> str:
+        return f"{self.base}/status"
+
+    @property
+    def telemetry(self) -> str:
+        return f"{self.base}/telemetry"
+
+    @property
+    def cmd_filter(self) -> str:
+        return f"{self.base}/cmd/+"
+
+    def cmd(self, name: str) -> str:
+        return f"{self.base}/cmd/{name}"
+
+    def result(self, name: str) -> str:
+        return f"{self.base}/cmd/{name}/res"
+
+    def detections(self, stream: str) -> str:
+        return f"{self.base}/detections/{stream}"
+
+
+def parse_broker_url(url: str) -> tuple[str, int, bool]:
+    """``mqtt://host[:port]`` or ``mqtts://host[:port]`` -> (host, port, tls)."""
+    u = urlparse(url)
+    if u.scheme not in ("mqtt", "mqtts") or not u.hostname:
+        raise ConfigError(f"broker URL must look like mqtt://host:1883 or mqtts://host:8883, got {url!r}")
+    tls = u.scheme == "mqtts"
+    try:
+        port = u.port or (8883 if tls else 1883)
+    except ValueError:
+        raise ConfigError(f"broker URL has an invalid port: {url!r}") from None
+    return u.hostname, port, tls
+
+
+def read_password(mqtt: MqttSection) -> Optional[str]:
+    """The broker password from ``password_file`` or ``password_env`` (never logged)."""
+    if mqtt.password_file:
+        try:
+            return Path(mqtt.password_file).read_text(encoding="utf-8").rstrip("\r\n")
+        except OSError as e:
+            raise ConfigError(f"mqtt.password_file: cannot read {mqtt.password_file}: {e.strerror}") from None
+    if mqtt.password_env:
+        pw = os.environ.get(mqtt.password_env)
+        if pw is None:
+            raise ConfigError(f"mqtt.password_env: environment variable {mqtt.password_env} is not set")
+        return pw
+    return None
+
+
+def make_client(mqtt: MqttSection, client_id: str) -> Any:
+    """A paho 2.x client with credentials, TLS and backoff configured (not yet connected)."""
+    import paho.mqtt.client as paho
+
+    if not mqtt.broker:
+        raise ConfigError("mqtt.broker is not set (expected mqtt://host:1883 or mqtts://host:8883)")
+    host, port, tls = parse_broker_url(mqtt.broker)
+    c = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=True,
+                    protocol=paho.MQTTv311)
+    if mqtt.username:
+        c.username_pw_set(mqtt.username, read_password(mqtt))
+    if tls or mqtt.tls.ca:
+        ctx = ssl.create_default_context(cafile=mqtt.tls.ca) if mqtt.tls.ca else ssl.create_default_context()
+        if mqtt.tls.cert:
+            ctx.load_cert_chain(mqtt.tls.cert, mqtt.tls.key)
+        if mqtt.tls.insecure:
+            ctx.check_hostname = False
+        c.tls_set_context(ctx)
+    c.reconnect_delay_set(max(1, int(round(mqtt.reconnect_min_s))), max(1, int(round(mqtt.reconnect_max_s))))
+    c._prune_pack_target = (host, port)  # noqa: SLF001 - kept with the client for connect_async
+    return c
+
+
+# ---------------------------------------------------------------------- outbox
+
+
+class Outbox:
+    """Bounded FIFO of messages on disk (sqlite in WAL mode: survives kill -9), plus the
+    persistent session counter and the drop count."""
+
+    def __init__(self, path: str | Path, max_items: int) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.max_items = max_items
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")  # durable across process crashes
+        self._db.execute("CREATE TABLE IF NOT EXISTS q (id INTEGER PRIMARY KEY AUTOINCREMENT, topic TEXT NOT NULL,"
+                         " payload TEXT NOT NULL, qos INTEGER NOT NULL, retain INTEGER NOT NULL, historical INTEGER NOT NULL)")
+        self._db.execute("CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v INTEGER NOT NULL)")
+
+    def _meta(self, key: str) -> int:
+        row = self._db.execute("SELECT v FROM meta WHERE k=?", (key,)).fetchone()
+        return int(row[0]) if row else 0
+
+    def _set_meta(self, key: str, value: int) -> None:
+        self._db.execute("INSERT INTO meta(k, v) VALUES(?, ?) ON CONFLICT(k) DO UPDATE SET v=excluded.v", (key, value))
+
+    def next_session(self) -> int:
+        with self._lock:
+            s = self._meta("session") + 1
+            self._set_meta("session", s)
+            return s
+
+    @property
+    def session(self) -> int:
+        with self._lock:
+            return self._meta("session")
+
+    @property
+    def dropped(self) -> int:
+        with self._lock:
+            return self._meta("dropped")
+
+    def put(self, topic: str, message: dict, qos: int, retain: bool, historical: bool) -> None:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.execute("INSERT INTO q(topic, payload, qos, retain, historical) VALUES(?,?,?,?,?)",
+                                 (topic, json.dumps(message, separators=(",", ":")), qos, int(retain), int(historical)))
+                n = self._db.execute("SELECT COUNT(*) FROM q").fetchone()[0]
+                if n > self.max_items:
+                    over = n - self.max_items
+                    self._db.execute("DELETE FROM q WHERE id IN (SELECT id FROM q ORDER BY id LIMIT ?)", (over,))
+                    self._set_meta("dropped", self._meta("dropped") + over)
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
+    def head(self) -> Optional[tuple[int, str, dict, int, bool, bool]]:
+        with self._lock:
+            row = self._db.execute("SELECT id, topic, payload, qos, retain, historical FROM q ORDER BY id LIMIT 1").fetchone()
+        if row is None:
+            return None
+        return row[0], row[1], json.loads(row[2]), row[3], bool(row[4]), bool(row[5])
+
+    def delete(self, row_id: int) -> None:
+        with self._lock:
+            self._db.execute("DELETE FROM q WHERE id=?", (row_id,))
+
+    def __len__(self) -> int:
+        with self._lock:
+            return self._db.execute("SELECT COUNT(*) FROM q").fetchone()[0]
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+
+# ---------------------------------------------------------------------- link
+
+
+class MqttLink:
+    """The device's connection: status/LWT, commands in, telemetry/results out via the outbox.
+
+    ``on_command(name, payload_bytes)`` is called from paho's network thread and must not
+    block (the daemon puts it on a queue). ``status_fields()`` returns the extra fields of the
+    retained ``online`` status (active model ...). Without ``mqtt.broker`` the link is inert:
+    messages are discarded, nothing is queued.
+    """
+
+    def __init__(self, device: DeviceSection, mqtt: MqttSection, state_dir: str | Path,
+                 on_command: Callable[[str, bytes], None],
+                 status_fields: Callable[[], dict] = dict) -> None:
+        self.device = device
+        self.mqtt = mqtt
+        self.topics = Topics(mqtt.prefix, device.site, device.id)
+        self.on_command = on_command
+        self.status_fields = status_fields
+        self.enabled = bool(mqtt.broker)
+        self.outbox = Outbox(Path(state_dir) / "outbox.sqlite", mqtt.queue_max)
+        self._lock = threading.Lock()
+        self._session = self.outbox.session or self.outbox.next_session()
+        self._seq = 0
+        self._connected = threading.Event()
+        self._wake = threading.Condition()
+        self._stop = threading.Event()
+        self._sender: Optional[threading.Thread] = None
+        self.client: Any = None
+        self.connects = 0
+        self.detections_dropped = 0
+        if self.enabled:
+            self.client = make_client(mqtt, mqtt.client_id or f"prune-pack-{device.id}")
+            self.client.on_pre_connect = self._on_pre_connect
+            self.client.on_connect = self._on_connect
+            self.client.on_disconnect = self._on_disconnect
+            self.client.on_message = self._on_message
+
+    # ---- envelope
+    def envelope(self, schema: str, **fields: Any) -> dict:
+        with self._lock:
+            self._seq += 1
+            env = {"schema": schema, "device_id": self.device.id, "site": self.device.site,
+                   "session": self._session, "seq": self._seq, "ts_ms": int(time.time() * 1000)}
+        env.update(fields)
+        return env
+
+    @property
+    def session(self) -> int:
+        return self._session
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    # ---- paho callbacks (network thread: never block here)
+    def _on_pre_connect(self, client: Any, userdata: Any) -> None:
+        # A new session per connection attempt; its Last Will carries this session's envelope.
+        with self._lock:
+            self._session = self.outbox.next_session()
+            self._seq = 0
+            will = {"schema": SCHEMA_STATUS, "device_id": self.device.id, "site": self.device.site,
+                    "session": self._session, "seq": 0, "ts_ms": int(time.time() * 1000), "state": "lost"}
+        client.will_set(self.topics.status, json.dumps(will), qos=1, retain=True)
+
+    def _on_connect(self, client: Any, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
+        if reason_code.is_failure:
+            log.warning("broker refused the connection: %s", reason_code)
+            return
+        self.connects += 1
+        client.subscribe(self.topics.cmd_filter, qos=1)  # renewed on every connect (clean session)
+        try:
+            fields = self.status_fields()
+        except Exception as e:  # noqa: BLE001 - a status must go out even if a field fails
+            log.warning("status fields failed: %s", e)
+            fields = {}
+        client.publish(self.topics.status, json.dumps(self.envelope(SCHEMA_STATUS, state="online", **fields)),
+                       qos=1, retain=True)
+        self._connected.set()
+        log.info("connected to %s (session %d)", self.mqtt.broker, self._session)
+        with self._wake:
+            self._wake.notify_all()
+
+    def _on_disconnect(self, client: Any, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
+        if self._connected.is_set():
+            log.warning("disconnected from the broker (%s); queueing on disk", reason_code)
+        self._connected.clear()
+
+    def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
+        parts = msg.topic.split("/")
+        name = parts[-1] if len(parts) >= 2 and parts[-2] == "cmd" else ""
+        try:
+            self.on_command(name, msg.payload)
+        except Exception as e:  # noqa: BLE001 - never kill paho's thread
+            log.error("command dispatch failed: %s", e)
+
+    # ---- lifecycle
+    def start(self) -> None:
+        if not self.enabled:
+            return
+        host, port = self.client._prune_pack_target  # noqa: SLF001
+        self.client.connect_async(host, port, keepalive=self.mqtt.keepalive_s)
+        self.client.loop_start()
+        self._sender = threading.Thread(target=self._send_loop, name="mqtt-outbox", daemon=True)
+        self._sender.start()
+
+    def stop(self, drain_s: float = 2.0) -> None:
+        """Clean stop: flush the outbox briefly, publish ``offline`` (no Last Will), disconnect."""
+        if not self.enabled:
+            self.outbox.close()
+            return
+        deadline = time.monotonic() + drain_s
+        while self.connected and len(self.outbox) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        self._stop.set()
+        with self._wake:
+            self._wake.notify_all()
+        if self._sender:
+            self._sender.join(5)
+        if self.connected:
+            info = self.client.publish(self.topics.status, json.dumps(self.envelope(SCHEMA_STATUS, state="offline")),
+                                       qos=1, retain=True)
+            try:
+                info.wait_for_publish(max(0.5, deadline - time.monotonic()))
+            except (RuntimeError, ValueError):
+                pass
+        self.client.disconnect()
+        self.client.loop_stop()
+        self.outbox.close()
+
+    def alive(self) -> bool:
+        """For the watchdog: the sender thread runs (paho's thread reconnects by itself)."""
+        return not self.enabled or (self._sender is not None and self._sender.is_alive())
+
+    # ---- publishing
+    def send(self, topic: str, message: dict, qos: int = 0, retain: bool = False) -> None:
+        """Queue a telemetry or result message on disk; the sender publishes it in order."""
+        if not self.enabled:
+            return
+        self.outbox.put(topic, message, qos, retain, historical=not self.connected)
+        with self._wake:
+            self._wake.notify_all()
+
+    def publish_live(self, topic: str, message: dict, qos: int = 0, retain: bool = False) -> bool:
+        """Publish now or drop (detections: stale frames are worthless later)."""
+        if not self.enabled or not self.connected:
+            self.detections_dropped += 1
+            return False
+        info = self.client.publish(topic, json.dumps(message, separators=(",", ":")), qos=qos, retain=retain)
+        return info.rc == 0
+
+    def republish_status(self) -> None:
+        """The retained ``online`` status with fresh fields (after a model switch)."""
+        if self.enabled and self.connected:
+            fields = self.status_fields()
+            self.client.publish(self.topics.status, json.dumps(self.envelope(SCHEMA_STATUS, state="online", **fields)),
+                                qos=1, retain=True)
+
+    def _send_loop(self) -> None:
+        import paho.mqtt.client as paho
+
+        while not self._stop.is_set():
+            head = self.outbox.head() if self.connected else None
+            if head is None:
+                with self._wake:
+                    self._wake.wait(0.5)
+                continue
+            row_id, topic, message, qos, retain, historical = head
+            if historical:
+                message["historical"] = True
+                qos = 1  # a replay must not be lost to the next hiccup
+            info = self.client.publish(topic, json.dumps(message, separators=(",", ":")), qos=qos, retain=retain)
+            if info.rc != paho.MQTT_ERR_SUCCESS:
+                if qos == 1 and info.rc == paho.MQTT_ERR_NO_CONN:
+                    self.outbox.delete(row_id)  # paho keeps QoS 1 messages and sends them on reconnect
+                time.sleep(0.1)  # not connected after all
+                continue
+            try:
+                info.wait_for_publish(max(2.0, float(self.mqtt.keepalive_s)))
+            except (RuntimeError, ValueError):
+                pass
+            if info.is_published():
+                self.outbox.delete(row_id)
+            elif not self.connected:
+                # Lost with the connection. paho resends its in-flight QoS 1 message itself
+                # after reconnect, so for QoS 1 the row goes (one copy, at least once).
+                if qos == 1:
+                    self.outbox.delete(row_id)
+            else:
+                time.sleep(0.1)
+
+    def queue_info(self) -> dict:
+        return {"pending": len(self.outbox), "dropped": self.outbox.dropped}

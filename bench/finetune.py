@@ -1,0 +1,72 @@
+"""What a fixed CPU budget of fine-tuning buys a pruned YOLOv8n (distillation on/off).
+
+Prunes yolov8n-coco once (project pruner, fixed settings), then fine-tunes it on coco128 train
+(128 images) for a fixed wall-clock budget per point through ``prune_pack.pruning.finetune``,
+and validates on coco128 val (128 COCO val2017 images the model never trained on).
+Usage: python bench/finetune.py --imgsz 320 --budget-min 6 --out bench/results/finetune.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("YOLO_OFFLINE", "1")
+
+import torch
+
+from prune_pack.pruning.checkpoint import save_pruned
+from prune_pack.pruning.finetune import finetune, validate
+from prune_pack.pruning.prune import prune_model
+
+SHARED = Path(os.environ.get("PRUNE_PACK_SHARED", Path(__file__).resolve().parents[2] / "shared"))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default=str(SHARED / "models" / "yolov8n-coco.pt"))
+    ap.add_argument("--data", default=str(SHARED / "data" / "coco128" / "data.yaml"))
+    ap.add_argument("--ratio", type=float, default=0.3)
+    ap.add_argument("--criterion", default="l1")
+    ap.add_argument("--imgsz", type=int, default=320)
+    ap.add_argument("--budget-min", type=float, default=6.0)
+    ap.add_argument("--points", default="plain,distill")
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--out", default="bench/results/finetune.json")
+    a = ap.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="bench-ft-"))
+    rows = []
+
+    def emit(row: dict) -> None:
+        row.update(imgsz=a.imgsz, threads=torch.get_num_threads(), cpus=os.cpu_count(), load1=round(os.getloadavg()[0], 2))
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.out).write_text(json.dumps({"platform": platform.platform(), "args": vars(a), "rows": rows}, indent=1))
+
+    emit({"point": "unpruned", **_short(validate(a.model, a.data, imgsz=a.imgsz))})
+    t = time.monotonic()
+    yolo, info = prune_model(a.model, a.ratio, criterion=a.criterion, imgsz=a.imgsz, allocation="uniform", progress=False)
+    pruned = save_pruned(yolo, work / "pruned.pt", info)
+    emit({"point": "pruned, no fine-tuning", "prune_s": round(time.monotonic() - t, 1),
+          "achieved_ratio": info.get("achieved_ratio"), "params": info.get("params_after"),
+          "gflops": info.get("gflops_after"), **_short(validate(pruned, a.data, imgsz=a.imgsz))})
+    for point in a.points.split(","):
+        teacher = a.model if point == "distill" else None
+        r = finetune(pruned, a.data, epochs=100, imgsz=a.imgsz, teacher=teacher, out=work / f"{point}.pt",
+                     batch=a.batch, progress=False, time_budget_min=a.budget_min, measure_before=False)
+        emit({"point": f"fine-tuned {a.budget_min:g} min, {point}", "epochs": r["epochs"], "train_s": r["seconds"],
+              **_short(r["after"])})
+
+
+def _short(m: dict) -> dict:
+    return {"map50_95": m["map50_95"], "map50": m["map50"]}
+
+
+if __name__ == "__main__":
+    main()

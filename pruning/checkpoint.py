@@ -1,0 +1,89 @@
+"""The pruned checkpoint: a normal Ultralytics ``.pt`` plus a ``prune_pack`` record.
+
+Layout (what ``finetune.py`` and ``deploy/`` rely on):
+- ``model``: the pruned ``DetectionModel`` itself (fp16, as Ultralytics saves), pickled with its
+  real widths; C2f blocks are ``prune_pack.pruning.graph.C2fPrunable``. Never rebuild it from
+  ``model.yaml`` (that yaml describes the *unpruned* architecture).
+- ``train_args``, ``date``, ``version``, ``license``, ``docs``, ``epoch`` (-1), ``ema``/``optimizer``
+  (None): what ``ultralytics.YOLO(path)`` expects.
+- ``prune_pack``: ``{"format": 1, "widths": {layer: [orig, new]}, "provenance": {...}}`` with the base
+  model's sha256, criterion, requested/achieved ratio, calibration data and the rest of ``info``.
+"""
+
+from __future__ import annotations
+
+import copy
+import pickle
+import zipfile
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from prune_pack.errors import UserInputError
+
+FORMAT = 1
+
+
+def save_pruned(yolo: Any, path: str | Path, provenance: dict) -> Path:
+    """Write ``yolo`` (an ``ultralytics.YOLO`` holding a pruned model) as a loadable checkpoint."""
+    from ultralytics import __version__
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model = copy.deepcopy(yolo.model).half().to(memory_format=torch.contiguous_format)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    # Drop calibration leftovers that must not be pickled (criterion holds a model reference).
+    for attr in ("criterion",):
+        if hasattr(model, attr):
+            setattr(model, attr, None)
+    train_args = dict(getattr(yolo, "ckpt", {}).get("train_args", {}) or {})
+    train_args.update({"model": str(path), "task": "detect"})
+    ckpt = {
+        "date": datetime.now(timezone.utc).isoformat(),
+        "version": __version__,
+        "license": "AGPL-3.0 License (https://ultralytics.com/license)",
+        "docs": "https://docs.ultralytics.com",
+        "epoch": -1,
+        "best_fitness": None,
+        "model": model,
+        "ema": None,
+        "updates": None,
+        "optimizer": None,
+        "train_args": train_args,
+        "prune_pack": {"format": FORMAT, "widths": provenance.get("widths", {}), "provenance": provenance},
+    }
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(ckpt, tmp)
+    tmp.replace(path)
+    return path
+
+
+def load_checkpoint(path: str | Path) -> tuple[Any, dict]:
+    """``(ultralytics.YOLO, provenance)``; provenance is ``{}`` for an unpruned checkpoint.
+
+    One-line errors for a missing/corrupt file and for non-detection models.
+    """
+    from ultralytics import YOLO
+
+    from prune_pack.pruning.graph import check_detection_model
+    from prune_pack.pruning.sources import resolve_model
+
+    p = resolve_model(path)
+    try:
+        ckpt = torch.load(p, map_location="cpu", weights_only=False)
+    except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, ValueError, AttributeError,
+            ModuleNotFoundError, ImportError, TypeError) as e:
+        raise UserInputError(f"{path}: not a readable Ultralytics checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
+    model = ckpt.get("ema") or ckpt.get("model") if isinstance(ckpt, dict) else None
+    if not isinstance(model, torch.nn.Module):
+        raise UserInputError(f"{path}: not an Ultralytics checkpoint (no 'model' module inside)")
+    check_detection_model(model, str(path))
+    try:
+        yolo = YOLO(str(p), task="detect")
+    except Exception as e:  # noqa: BLE001 - Ultralytics raises many types for a bad file; one line for the user
+        raise UserInputError(f"{path}: Ultralytics could not load it ({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
+    rec = ckpt.get("prune_pack") or {}
+    return yolo, dict(rec.get("provenance", {}))

@@ -1,0 +1,218 @@
+"""What matters: channel importance criteria, one signature, registered by name.
+
+A criterion is ``fn(group, ctx) -> Tensor[group.size]`` (higher = keep). ``ctx`` carries the
+calibration statistics that data-aware criteria need: the per-input-channel mean and variance
+that every consumer conv sees (``CalibContext.in_stats``), and the images themselves.
+
+Why ``act_var`` is the default: in YOLOv8 the channels with the smallest weights often carry a
+large *constant* activation (SiLU of a large BN bias). Removing a channel only loses what it
+varies around its mean once the mean is folded into the consumers' bias (bias compensation), so
+the information a channel carries into its consumers is its activation variance times the energy
+of the consumer weights that read it: exactly the output energy lost by replacing it with its
+mean, for independent channels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from prune_pack.errors import UserInputError
+from prune_pack.pruning.graph import ChannelGroup
+
+
+@dataclass
+class CalibContext:
+    """Calibration material shared by criteria, the sensitivity probe and bias compensation."""
+
+    model: nn.Module
+    images: torch.Tensor  # N x 3 x H x W, float 0..1
+    in_stats: dict[nn.Conv2d, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # conv -> (mean, var) per input channel
+    grads: dict[nn.Module, torch.Tensor] = field(default_factory=dict)  # taylor scores per producer conv
+    batch: int = 8
+
+
+Criterion = Callable[[ChannelGroup, CalibContext], torch.Tensor]
+CRITERIA: dict[str, Criterion] = {}
+NEEDS_DATA: set[str] = set()
+DEFAULT_CRITERION = "act_var"  # chosen by measurement, see bench/results/pruning.md
+
+
+def register(name: str, needs_data: bool = False) -> Callable[[Criterion], Criterion]:
+    def deco(fn: Criterion) -> Criterion:
+        CRITERIA[name] = fn
+        if needs_data:
+            NEEDS_DATA.add(name)
+        return fn
+
+    return deco
+
+
+def get_criterion(name: str) -> Criterion:
+    if name not in CRITERIA:
+        raise UserInputError(f"unknown criterion '{name}' (choose from: auto, {', '.join(sorted(CRITERIA))})")
+    return CRITERIA[name]
+
+
+# ----------------------------------------------------------------------------- calibration
+
+
+def load_images(paths: Sequence[Path], imgsz: int) -> torch.Tensor:
+    """Letterboxed (Ultralytics' own LetterBox, as predict does) RGB tensors in 0..1."""
+    import cv2
+    from ultralytics.data.augment import LetterBox
+
+    lb = LetterBox((imgsz, imgsz), auto=False, stride=32)
+    out = []
+    for p in paths:
+        im = cv2.imread(str(p))
+        if im is None:
+            continue
+        im = lb(image=im)[..., ::-1].transpose(2, 0, 1)
+        out.append(torch.from_numpy(np.ascontiguousarray(im)).float() / 255.0)
+    if not out:
+        raise UserInputError("no readable calibration images")
+    return torch.stack(out)
+
+
+def bundled_images() -> list[Path]:
+    """Ultralytics' bundled bus.jpg and zidane.jpg: the calibration set when no data is given."""
+    import ultralytics
+
+    d = Path(ultralytics.__file__).parent / "assets"
+    return sorted(d.glob("*.jpg"))
+
+
+@torch.no_grad()
+def collect_input_stats(model: nn.Module, groups: list[ChannelGroup], images: torch.Tensor, batch: int = 8) -> dict:
+    """Mean and variance of every input channel of every consumer conv, over images and positions."""
+    convs = {c for g in groups for c, _, _ in g.consumers}
+    acc: dict[nn.Conv2d, list] = {c: [0.0, 0.0, 0] for c in convs}
+
+    def hook(mod: nn.Module, inp: tuple) -> None:
+        x = inp[0].double()
+        a = acc[mod]
+        a[0] = a[0] + x.sum((0, 2, 3))
+        a[1] = a[1] + (x * x).sum((0, 2, 3))
+        a[2] += x.shape[0] * x.shape[2] * x.shape[3]
+
+    handles = [c.register_forward_pre_hook(hook) for c in convs]
+    try:
+        model.eval()
+        for i in range(0, len(images), batch):
+            model(images[i : i + batch])
+    finally:
+        for h in handles:
+            h.remove()
+    stats = {}
+    for c, (s, ss, n) in acc.items():
+        mean = s / n
+        var = (ss / n - mean * mean).clamp_min(0)
+        stats[c] = (mean.float(), var.float())
+    return stats
+
+
+def taylor_scores(model: nn.Module, groups: list[ChannelGroup], images: torch.Tensor, batch: int = 4, conf: float = 0.25) -> dict:
+    """First-order Taylor (Molchanov et al.): (sum of weight x gradient per filter)^2, accumulated.
+
+    The loss is Ultralytics' own detection loss against the model's own confident predictions
+    (pseudo-labels), so it works on unlabeled calibration images.
+    """
+    from ultralytics.cfg import get_cfg
+    from ultralytics.utils.nms import non_max_suppression
+
+    producers = {p[0]: p[1] for g in groups for p in g.producers}
+    scores = {c: torch.zeros(c.out_channels) for c in producers}
+    saved_args, saved_crit = getattr(model, "args", None), getattr(model, "criterion", None)
+    model.args = get_cfg()
+    model.criterion = None
+    try:
+        for i in range(0, len(images), batch):
+            x = images[i : i + batch]
+            model.eval()
+            with torch.no_grad():
+                dets = non_max_suppression(model(x)[0], conf_thres=conf, iou_thres=0.7)
+            bi, cls, boxes = [], [], []
+            h, w = x.shape[2:]
+            for j, d in enumerate(dets):
+                if len(d):
+                    xyxy = d[:, :4]
+                    xywh = torch.stack([(xyxy[:, 0] + xyxy[:, 2]) / 2 / w, (xyxy[:, 1] + xyxy[:, 3]) / 2 / h,
+                                        (xyxy[:, 2] - xyxy[:, 0]) / w, (xyxy[:, 3] - xyxy[:, 1]) / h], 1)
+                    bi.append(torch.full((len(d),), j, dtype=torch.float32))
+                    cls.append(d[:, 5:6])
+                    boxes.append(xywh)
+            if not bi:
+                continue
+            tgt = {"img": x, "batch_idx": torch.cat(bi), "cls": torch.cat(cls), "bboxes": torch.cat(boxes)}
+            model.train()
+            model.zero_grad(set_to_none=True)
+            loss, _ = model.loss(tgt)
+            loss.sum().backward()
+            for c, bn in producers.items():
+                s = (c.weight * c.weight.grad).sum((1, 2, 3)) if c.weight.grad is not None else 0
+                if bn is not None and bn.weight.grad is not None:
+                    s = s + bn.weight * bn.weight.grad + bn.bias * bn.bias.grad
+                scores[c] += (s.detach() ** 2) if isinstance(s, torch.Tensor) else 0
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.eval()
+        model.args, model.criterion = saved_args, saved_crit
+    return scores
+
+
+# ----------------------------------------------------------------------------- criteria
+
+
+def _per_channel(group: ChannelGroup, values: Callable[[nn.Conv2d, nn.Module | None], torch.Tensor]) -> torch.Tensor:
+    """Sum a per-output-channel quantity over the group's producers, indexed by group channel."""
+    out = torch.zeros(group.size)
+    for conv, bn, _, idxs, roots in group.producers:
+        v = values(conv, bn).detach().float()
+        out.index_add_(0, torch.tensor(roots), v[torch.tensor(idxs)])
+    return out
+
+
+@register("l1")
+def l1(group: ChannelGroup, ctx: CalibContext) -> torch.Tensor:
+    return _per_channel(group, lambda c, bn: c.weight.abs().sum((1, 2, 3)))
+
+
+@register("l2")
+def l2(group: ChannelGroup, ctx: CalibContext) -> torch.Tensor:
+    return _per_channel(group, lambda c, bn: c.weight.pow(2).sum((1, 2, 3))).sqrt()
+
+
+@register("bn_scale")
+def bn_scale(group: ChannelGroup, ctx: CalibContext) -> torch.Tensor:
+    return _per_channel(group, lambda c, bn: bn.weight.abs() if bn is not None else c.weight.abs().sum((1, 2, 3)))
+
+
+@register("taylor", needs_data=True)
+def taylor(group: ChannelGroup, ctx: CalibContext) -> torch.Tensor:
+    if not ctx.grads:
+        raise UserInputError("criterion 'taylor' needs calibration gradients (internal: taylor_scores not run)")
+    return _per_channel(group, lambda c, bn: ctx.grads[c])
+
+
+@register("act_var", needs_data=True)
+def act_var(group: ChannelGroup, ctx: CalibContext) -> torch.Tensor:
+    """Activation variance x consumer weight energy, summed over every place a channel is read."""
+    out = torch.zeros(group.size, dtype=torch.float64)
+    for conv, idxs, roots in group.consumers:
+        _, var = ctx.in_stats[conv]
+        w = conv.weight.detach()
+        energy = w.pow(2).sum((0, 2, 3))  # per input channel
+        ii = torch.tensor(idxs)
+        out.index_add_(0, torch.tensor(roots), (var[ii] * energy[ii]).double())
+    return out.float()
+
+
+def group_scores(groups: list[ChannelGroup], criterion: str, ctx: CalibContext) -> dict[str, torch.Tensor]:
+    fn = get_criterion(criterion)
+    return {g.name: fn(g, ctx) for g in groups}

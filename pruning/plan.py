@@ -1,0 +1,314 @@
+"""How much to remove, and removing it: per-group widths, allocation, bias compensation, surgery.
+
+Allocation strategies:
+- ``uniform``: the same ratio in every group (then rounded).
+- ``global``: one threshold over importance scores normalised per group (Torch-Pruning's global ranking).
+- ``sensitivity`` (default): per group, the output distortion caused by removing its weakest channels
+  is *measured* on calibration images (channels replaced by their mean, which is what removal +
+  bias compensation does) and divided by the compute (MACs) it saves; a greedy loop removes the
+  cheapest distortion per MAC first until the requested share of channels is gone. Layers differ
+  by orders of magnitude here (``model.2`` vs ``model.8`` in YOLOv8n), which is why uniform fails.
+
+Widths are multiples of ``round_to`` (SIMD) where the layer is large enough, never below
+``(1 - max_layer_ratio)`` of the original, and a small layer keeps its width rather than being
+rounded into a much larger cut than requested.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+from prune_pack.errors import UserInputError
+from prune_pack.pruning.graph import ChannelGroup
+from prune_pack.pruning.importance import CalibContext
+
+ProgressFn = Callable[[str], None]
+
+
+# ----------------------------------------------------------------------------- widths
+
+
+def allowed_keeps(size: int, round_to: int, max_ratio: float) -> list[int]:
+    """Widths a group may be pruned to, largest first (``size`` itself = not pruned)."""
+    lo = max(1, math.ceil(size * (1.0 - max_ratio)))
+    if round_to <= 1:
+        return list(range(size, lo - 1, -1))
+    keeps = [size] + [k for k in range((size // round_to) * round_to, lo - 1, -round_to) if 0 < k < size]
+    return keeps
+
+
+def rounded_keep(size: int, ratio: float, round_to: int, max_ratio: float) -> int:
+    """Width for a requested removal ratio: the nearest allowed width, unless that overshoots.
+
+    Overshoot guard: if the nearest SIMD width removes more than 1.5x the request plus 1/16 of
+    the layer (a 5% request on a 16-channel stem would otherwise become 50%), the next wider
+    allowed width is used, which may be the original width.
+    """
+    want = size * (1.0 - min(ratio, max_ratio))
+    keeps = allowed_keeps(size, round_to, max_ratio)
+    best = min(keeps, key=lambda k: (abs(k - want), -k))
+    if (size - best) / size > 1.5 * ratio + 1.0 / 16:
+        wider = [k for k in keeps if k > best]
+        best = min(wider) if wider else size
+    return best
+
+
+# ----------------------------------------------------------------------------- cost model
+
+
+@torch.no_grad()
+def conv_macs(model: nn.Module, imgsz: int) -> dict[nn.Conv2d, float]:
+    """Output positions of every conv at ``imgsz`` (one forward): MACs per channel derive from it."""
+    hw: dict[nn.Conv2d, float] = {}
+    handles = [m.register_forward_hook(lambda mod, i, o: hw.__setitem__(mod, float(o.shape[2] * o.shape[3])))
+               for m in model.modules() if isinstance(m, nn.Conv2d)]
+    try:
+        model.eval()
+        model(torch.zeros(1, 3, imgsz, imgsz))
+    finally:
+        for h in handles:
+            h.remove()
+    return hw
+
+
+def channel_cost(group: ChannelGroup, hw: dict[nn.Conv2d, float]) -> float:
+    """MACs saved per removed group channel (producer filters + consumer input slices)."""
+    cost = 0.0
+    for conv, _, _, idxs, _ in group.producers:
+        cost += len(idxs) / group.size * conv.weight[0].numel() * hw.get(conv, 0.0)
+    for conv, idxs, _ in group.consumers:
+        cost += len(idxs) / group.size * conv.out_channels * conv.weight.shape[2] * conv.weight.shape[3] * hw.get(conv, 0.0)
+    return cost
+
+
+# ----------------------------------------------------------------------------- distortion
+
+
+def distortion(out: torch.Tensor, ref: torch.Tensor, nc: int) -> float:
+    """Detection-output distortion: class-score L1 over all anchors plus confidence-weighted box error.
+
+    ``out``/``ref``: decoded Detect outputs (B, 4 + nc, A). Normalised by the reference's total
+    confidence, so values are comparable across images.
+    """
+    box, sc = out[:, :4], out[:, 4 : 4 + nc]
+    rbox, rsc = ref[:, :4], ref[:, 4 : 4 + nc]
+    w = rsc.max(1).values  # B x A
+    norm = w.sum().clamp_min(1e-6)
+    score_err = (sc - rsc).abs().sum()
+    scale = rbox[:, 2:4].mean(1).clamp_min(4.0)  # relative box error, floors tiny boxes
+    box_err = (w * ((box - rbox).abs().sum(1) / scale)).sum()
+    return float((score_err + box_err) / norm)
+
+
+class ChannelMask:
+    """Forward pre-hooks that replace chosen consumer input channels by a constant (their mean or 0).
+
+    Equivalent to removing the channels (+ bias compensation) up to zero-padding borders, at
+    the cost of a forward pass and without touching the model.
+    """
+
+    def __init__(self, ctx: CalibContext, compensate: bool) -> None:
+        self.ctx, self.compensate = ctx, compensate
+        self.masks: dict[nn.Conv2d, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.handles: list = []
+
+    def set(self, groups_removed: list[tuple[ChannelGroup, torch.Tensor]]) -> None:
+        per_conv: dict[nn.Conv2d, list[int]] = {}
+        for g, removed in groups_removed:
+            rset = set(int(r) for r in removed)
+            for conv, idxs, roots in g.consumers:
+                per_conv.setdefault(conv, []).extend(i for i, r in zip(idxs, roots) if r in rset)
+        self.masks = {}
+        for conv, idxs in per_conv.items():
+            ii = torch.tensor(sorted(set(idxs)), dtype=torch.long)
+            val = self.ctx.in_stats[conv][0][ii] if self.compensate else torch.zeros(len(ii))
+            self.masks[conv] = (ii, val.view(1, -1, 1, 1))
+
+    def __enter__(self) -> "ChannelMask":
+        def hook(mod: nn.Module, inp: tuple):
+            if mod not in self.masks:
+                return None
+            ii, val = self.masks[mod]
+            x = inp[0].clone()
+            x[:, ii] = val.to(x.dtype).expand(x.shape[0], -1, x.shape[2], x.shape[3])
+            return (x,)
+
+        convs = {c for c in self.ctx.in_stats}
+        self.handles = [c.register_forward_pre_hook(hook) for c in convs]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+
+@torch.no_grad()
+def measure_output(model: nn.Module, images: torch.Tensor, batch: int) -> torch.Tensor:
+    model.eval()
+    return torch.cat([model(images[i : i + batch])[0] for i in range(0, len(images), batch)])
+
+
+# ----------------------------------------------------------------------------- allocation
+
+
+def lowest(scores: torch.Tensor, n: int) -> torch.Tensor:
+    """Indices of the ``n`` weakest channels (stable order)."""
+    if n <= 0:
+        return torch.zeros(0, dtype=torch.long)
+    return torch.sort(torch.argsort(scores.double(), stable=True)[:n]).values
+
+
+def uniform_plan(groups: list[ChannelGroup], ratio: float, round_to: int, max_ratio: float) -> dict[str, int]:
+    """Group name -> channels kept."""
+    return {g.name: rounded_keep(g.size, ratio, round_to, max_ratio) for g in groups}
+
+
+def global_plan(groups: list[ChannelGroup], scores: dict[str, torch.Tensor], ratio: float, round_to: int,
+                max_ratio: float) -> dict[str, int]:
+    """One threshold over per-group-normalised scores, then each group's count rounded."""
+    allv = torch.cat([scores[g.name] / scores[g.name].mean().clamp_min(1e-12) for g in groups])
+    n = int(round(ratio * len(allv)))
+    thr = torch.sort(allv).values[n - 1] if n > 0 else -math.inf
+    plan = {}
+    for g in groups:
+        s = scores[g.name] / scores[g.name].mean().clamp_min(1e-12)
+        r = float((s <= thr).sum()) / g.size
+        plan[g.name] = rounded_keep(g.size, r, round_to, max_ratio) if r > 0 else g.size
+    return plan
+
+
+def sensitivity_plan(model: nn.Module, groups: list[ChannelGroup], scores: dict[str, torch.Tensor], ctx: CalibContext,
+                     ratio: float, round_to: int, max_ratio: float, imgsz: int, compensate: bool,
+                     probes: tuple[float, ...] = (0.25, 0.5, 0.75), progress: ProgressFn | None = None,
+                     ) -> tuple[dict[str, int], dict[str, dict]]:
+    """Greedy allocation by measured distortion per MAC saved; returns (plan, per-group sensitivity)."""
+    nc = model.model[-1].nc
+    ref = measure_output(model, ctx.images, ctx.batch)
+    hw = conv_macs(model, imgsz)
+    mask = ChannelMask(ctx, compensate)
+    curves: dict[str, tuple[list[int], list[float]]] = {}
+    sens: dict[str, dict] = {}
+    with mask:
+        for gi, g in enumerate(groups):
+            keeps = allowed_keeps(g.size, round_to, max_ratio)
+            if len(keeps) == 1:
+                continue
+            # Probe a few widths; distortion in between is interpolated (it grows smoothly).
+            probe_keeps = sorted({min(keeps[1:], key=lambda k: abs(k - g.size * (1 - p))) for p in probes if p <= max_ratio + 1e-9},
+                                 reverse=True)
+            pts_n, pts_d = [0], [0.0]
+            for k in probe_keeps:
+                mask.set([(g, lowest(scores[g.name], g.size - k))])
+                out = measure_output(model, ctx.images, ctx.batch)
+                pts_n.append(g.size - k)
+                pts_d.append(distortion(out, ref, nc))
+            # Monotone envelope: removing more never counts as cheaper than removing less.
+            for i in range(1, len(pts_d)):
+                pts_d[i] = max(pts_d[i], pts_d[i - 1])
+            curves[g.name] = (pts_n, pts_d)
+            sens[g.name] = {"removed": pts_n[1:], "distortion": [round(d, 5) for d in pts_d[1:]],
+                            "gmacs_per_channel": round(channel_cost(g, hw) / 1e9, 5)}
+            if progress:
+                progress(f"sensitivity {gi + 1}/{len(groups)} {g.name}: " + ", ".join(f"-{n}:{d:.3f}" for n, d in zip(pts_n[1:], pts_d[1:])))
+
+    def interp(name: str, n: int) -> float:
+        xs, ys = curves[name]
+        for i in range(1, len(xs)):
+            if n <= xs[i]:
+                t = (n - xs[i - 1]) / max(1, xs[i] - xs[i - 1])
+                return ys[i - 1] + t * (ys[i] - ys[i - 1])
+        return ys[-1] * n / max(1, xs[-1])
+
+    total = sum(g.size for g in groups)
+    target = int(round(ratio * total))
+    plan = {g.name: g.size for g in groups}
+    step_idx = {g.name: 0 for g in groups}
+    keeps_of = {g.name: allowed_keeps(g.size, round_to, max_ratio) for g in groups}
+    cost = {g.name: max(channel_cost(g, hw), 1.0) for g in groups}
+    removed = 0
+    while removed < target:
+        best, best_val = None, math.inf
+        for g in groups:
+            ks = keeps_of[g.name]
+            i = step_idx[g.name]
+            if g.name not in curves or i + 1 >= len(ks):
+                continue
+            n0, n1 = g.size - ks[i], g.size - ks[i + 1]
+            dd = interp(g.name, n1) - interp(g.name, n0)
+            val = dd / (cost[g.name] * (n1 - n0))
+            if val < best_val:
+                best, best_val = g, val
+        if best is None:
+            break  # every group is at its maximum ratio
+        step_idx[best.name] += 1
+        new_keep = keeps_of[best.name][step_idx[best.name]]
+        removed += plan[best.name] - new_keep
+        plan[best.name] = new_keep
+    return plan, sens
+
+
+# ----------------------------------------------------------------------------- surgery
+
+
+def _owner_bn(model: nn.Module) -> dict[nn.Conv2d, nn.Module]:
+    return {m.conv: m.bn for m in model.modules() if isinstance(getattr(m, "conv", None), nn.Conv2d) and isinstance(getattr(m, "bn", None), nn.BatchNorm2d)}
+
+
+@torch.no_grad()
+def compensate_bias(model: nn.Module, removals: list[tuple[ChannelGroup, torch.Tensor]], ctx: CalibContext) -> None:
+    """Fold the removed channels' mean input into each consumer before the channels go.
+
+    A consumer conv loses ``sum_j W[:, j] * mean_j`` from every output position; it is added
+    back through the conv bias, or, where a BatchNorm follows the conv (Ultralytics ``Conv``
+    has a bias-free conv), by lowering the BN's ``running_mean`` by the same amount.
+    """
+    bns = _owner_bn(model)
+    delta: dict[nn.Conv2d, torch.Tensor] = {}
+    for g, removed in removals:
+        if len(removed) == 0:
+            continue
+        rset = set(int(r) for r in removed)
+        for conv, idxs, roots in g.consumers:
+            ii = [i for i, r in zip(idxs, roots) if r in rset]
+            if not ii:
+                continue
+            ii_t = torch.tensor(ii)
+            mean = ctx.in_stats[conv][0][ii_t]
+            d = (conv.weight[:, ii_t].sum((2, 3)).double() * mean.double()).sum(1)
+            delta[conv] = delta.get(conv, 0) + d
+    for conv, d in delta.items():
+        bn = bns.get(conv)
+        if bn is not None:
+            bn.running_mean.sub_(d.to(bn.running_mean.dtype))
+        elif conv.bias is not None:
+            conv.bias.add_(d.to(conv.bias.dtype))
+        else:
+            conv.bias = nn.Parameter(d.to(conv.weight.dtype))
+
+
+def apply_plan(model: nn.Module, dg: object, groups: list[ChannelGroup], plan: dict[str, int],
+               scores: dict[str, torch.Tensor], ctx: CalibContext | None, bias_compensation: bool) -> dict[str, list[int]]:
+    """Remove each group's weakest channels down to its planned width. Returns removed root indices."""
+    import torch_pruning as tp
+
+    removals = [(g, lowest(scores[g.name], g.size - plan[g.name])) for g in groups]
+    if bias_compensation:
+        if ctx is None or not ctx.in_stats:
+            raise UserInputError("bias compensation needs calibration statistics")
+        compensate_bias(model, removals, ctx)
+    for g, removed in removals:
+        if len(removed) == 0:
+            continue
+        if len(removed) >= g.size:
+            raise UserInputError(f"plan would remove every channel of {g.name}")
+        dg.get_pruning_group(g.root, tp.prune_conv_out_channels, removed.tolist()).prune()
+    # Ultralytics keeps DFL's fixed projection out of training.
+    head = model.model[-1]
+    if hasattr(head, "dfl") and hasattr(head.dfl, "conv"):
+        head.dfl.conv.requires_grad_(False)
+    return {g.name: removed.tolist() for g, removed in removals}

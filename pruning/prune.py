@@ -1,0 +1,174 @@
+"""``prune_model``: a real, smaller YOLOv8 detector from an Ultralytics ``.pt``; and ``prune-pack prune``.
+
+Steps: load (one-line errors) -> C2f into prunable form -> dependency graph -> calibration
+statistics (train split of ``data_yaml``, else Ultralytics' bundled images) -> importance ->
+allocation -> bias compensation -> Torch-Pruning surgery -> info (widths, params, GFLOPs, provenance).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from prune_pack.errors import UserInputError
+from prune_pack.pruning import graph as G
+from prune_pack.pruning import importance as I
+from prune_pack.pruning import plan as P
+from prune_pack.pruning.checkpoint import load_checkpoint, save_pruned
+from prune_pack.pruning.sources import dataset_images, resolve_dataset, sha256_file
+
+ALLOCATIONS = ("uniform", "global", "sensitivity")
+MAX_RATIO = 0.9
+
+
+def _gflops(model: torch.nn.Module, imgsz: int) -> float:
+    from ultralytics.utils.torch_utils import get_flops
+
+    return float(get_flops(model, imgsz))
+
+
+def _params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def prune_model(
+    model_pt: str | Path,
+    ratio: float,
+    criterion: str = "auto",
+    data_yaml: str | Path | None = None,
+    imgsz: int = 640,
+    allocation: str = "sensitivity",
+    max_layer_ratio: float = 0.75,
+    round_to: int = 8,
+    calib_images: int = 32,
+    bias_compensation: bool = True,
+    progress: bool = True,
+    sens_images: int = 8,
+    sens_imgsz: int | None = None,
+) -> tuple[Any, dict]:
+    """Prune ``ratio`` of the prunable output channels of a detection model.
+
+    ``ratio`` is the requested share of prunable channels removed, before rounding; the achieved
+    share is in ``info["achieved_ratio"]``. ``sens_images``/``sens_imgsz`` size the sensitivity probe
+    (default: 8 images at min(imgsz, 320)), which dominates the run time.
+    Returns ``(ultralytics.YOLO, info)``; save with ``save_pruned(yolo, path, info)``.
+    """
+    if not isinstance(ratio, (int, float)) or not 0.0 <= ratio <= MAX_RATIO:
+        raise UserInputError(f"--ratio {ratio}: expected a fraction of channels to remove in [0, {MAX_RATIO}]")
+    if not 0.0 < max_layer_ratio < 1.0:
+        raise UserInputError(f"max_layer_ratio {max_layer_ratio}: expected a value in (0, 1)")
+    if allocation not in ALLOCATIONS:
+        raise UserInputError(f"allocation '{allocation}': choose from {', '.join(ALLOCATIONS)}")
+    if imgsz < 32 or imgsz % 32:
+        raise UserInputError(f"--imgsz {imgsz}: expected a positive multiple of 32")
+    criterion = I.DEFAULT_CRITERION if criterion in (None, "", "auto") else criterion
+    I.get_criterion(criterion)  # unknown names fail before any work
+    log = (lambda msg: print(f"prune: {msg}", file=sys.stderr, flush=True)) if progress else (lambda msg: None)
+    t0 = time.monotonic()
+
+    yolo, prev = load_checkpoint(model_pt)
+    if prev:
+        log("note: the input is already pruned; pruning it further")
+    base_sha = sha256_file(model_pt)
+    model = copy.deepcopy(yolo.model).float().eval()
+    model.zero_grad(set_to_none=True)
+    params_before, gflops_before = _params(model), _gflops(model, imgsz)
+    G.make_prunable(model)
+    dg, groups = G.build_groups(model)
+    widths_before = {g.name: g.size for g in groups}
+
+    # Calibration: the train split (never val: val is where accuracy is measured).
+    if data_yaml is not None:
+        with tempfile.TemporaryDirectory() as td:
+            resolved = resolve_dataset(data_yaml, td)
+            paths = dataset_images(resolved, "train", limit=calib_images)
+        calib_source = f"{data_yaml} (train split, {len(paths)} images)"
+    else:
+        paths = I.bundled_images()
+        calib_source = "ultralytics bundled assets (bus.jpg, zidane.jpg): pass --data for a representative calibration set"
+        log(f"no --data: calibrating on {', '.join(p.name for p in paths)}")
+    if not paths:
+        raise UserInputError(f"{data_yaml}: the train split has no images to calibrate on")
+    ctx = I.CalibContext(model=model, images=I.load_images(paths, imgsz))
+    if ratio > 0:
+        ctx.in_stats = I.collect_input_stats(model, groups, ctx.images, ctx.batch)
+        if criterion == "taylor":
+            ctx.grads = I.taylor_scores(model, groups, ctx.images)
+        scores = I.group_scores(groups, criterion, ctx)
+
+        if allocation == "uniform":
+            plan = P.uniform_plan(groups, ratio, round_to, max_layer_ratio)
+            sens = {}
+        elif allocation == "global":
+            plan = P.global_plan(groups, scores, ratio, round_to, max_layer_ratio)
+            sens = {}
+        else:
+            s_imgsz = sens_imgsz or min(imgsz, 320)
+            s_ctx = I.CalibContext(model=model, images=I.load_images(paths[:sens_images], s_imgsz), in_stats=ctx.in_stats)
+            log(f"measuring layer sensitivity on {len(s_ctx.images)} images at {s_imgsz} ({len(groups)} groups)")
+            plan, sens = P.sensitivity_plan(model, groups, scores, s_ctx, ratio, round_to, max_layer_ratio, imgsz,
+                                            bias_compensation, progress=log if progress else None)
+        P.apply_plan(model, dg, groups, plan, scores, ctx, bias_compensation)
+    else:
+        plan, sens = {g.name: g.size for g in groups}, {}
+
+    total = sum(widths_before.values())
+    removed = sum(widths_before[n] - plan[n] for n in widths_before)
+    yolo.model = model
+    info: dict = {
+        "requested_ratio": float(ratio),
+        "achieved_ratio": round(removed / total, 4),
+        "channels_before": total,
+        "channels_after": total - removed,
+        "widths": {n: [widths_before[n], plan[n]] for n in widths_before},
+        "params_before": params_before,
+        "params_after": _params(model),
+        "gflops_before": round(gflops_before, 3),
+        "gflops_after": round(_gflops(model, imgsz), 3),
+        "criterion": criterion,
+        "allocation": allocation,
+        "bias_compensation": bool(bias_compensation),
+        "max_layer_ratio": max_layer_ratio,
+        "round_to": round_to,
+        "imgsz": imgsz,
+        "calibration": calib_source,
+        "calib_images": len(ctx.images),
+        "base_model": str(model_pt),
+        "base_sha256": base_sha,
+        "base_provenance": prev or None,
+        "sensitivity": sens,
+        "seconds": round(time.monotonic() - t0, 1),
+    }
+    log(f"removed {removed}/{total} channels ({info['achieved_ratio']:.1%}), params {params_before} -> {info['params_after']}, "
+        f"GFLOPs {info['gflops_before']} -> {info['gflops_after']} in {info['seconds']} s")
+    return yolo, info
+
+
+def cli_prune(args: argparse.Namespace, cfg: Any) -> dict:
+    """``prune-pack prune``: flags win over the config's ``prune`` section, which wins over defaults."""
+    sec = getattr(cfg, "prune", None)
+    criterion = args.criterion or (sec.criterion if sec else "auto")
+    allocation = args.allocation or (sec.allocation if sec else "sensitivity")
+    kwargs = {}
+    if sec is not None:
+        kwargs = {"max_layer_ratio": sec.max_layer_ratio, "round_to": sec.round_to, "calib_images": sec.calib_images,
+                  "bias_compensation": sec.bias_compensation}
+    out = Path(args.out)
+    if out.suffix != ".pt":
+        raise UserInputError(f"--out {args.out}: expected a .pt path")
+    yolo, info = prune_model(args.model, args.ratio, criterion=criterion, data_yaml=args.data, imgsz=args.imgsz,
+                             allocation=allocation, progress=not getattr(args, "json", False), **kwargs)
+    save_pruned(yolo, out, info)
+    res = {k: v for k, v in info.items() if k not in ("sensitivity", "base_provenance")}
+    res["out"] = str(out)
+    res["summary"] = (f"{out}: removed {info['achieved_ratio']:.1%} of channels (requested {info['requested_ratio']:.1%}), "
+                      f"params {info['params_before']:,} -> {info['params_after']:,}, "
+                      f"GFLOPs {info['gflops_before']} -> {info['gflops_after']} ({info['criterion']}, {info['allocation']})")
+    return res

@@ -1,0 +1,241 @@
+"""The build search against recorded latency tables standing in for a device (deterministic, fast)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from prune_pack.deploy.build import (
+    FAIL,
+    PASS,
+    Candidate,
+    Measurement,
+    SearchState,
+    decide,
+    search,
+    verify,
+)
+
+RATIOS = [round(0.05 * i, 2) for i in range(1, 15)]  # 0.05 .. 0.70
+BASE = Candidate(ratio=0.0, backend="ort", precision="fp32", imgsz=640)
+
+
+class Device:
+    """A recorded table: (family, ratio) -> list of (p95, ci_lo, ci_hi), consumed in order per
+    candidate (the last entry repeats). Counts every call, like device time."""
+
+    def __init__(self, table):
+        self.table = table
+        self.calls: list[str] = []
+
+    def __call__(self, c: Candidate) -> Measurement:
+        entries = self.table(c)
+        if not isinstance(entries, list):
+            entries = [entries]
+        n = sum(1 for k in self.calls if k == c.key)
+        self.calls.append(c.key)
+        v = entries[min(n, len(entries) - 1)]
+        if isinstance(v, tuple):
+            return Measurement.of(v[0], (v[1], v[2]))
+        return Measurement.of(v, (v * 0.98, v * 1.02))  # a tight +-2 % interval
+
+
+def smooth(c: Candidate) -> float:
+    return 60.0 * (1 - c.ratio) ** 1.5
+
+
+def mildest_passing(table, target):
+    return min(r for r in RATIOS if table(Candidate(ratio=r)) * 1.02 <= target)
+
+
+def check_invariants(res, dev, target):
+    # no needless pruning: no measured candidate with less pruning also met the target
+    passed = [r for r in res.records.values() if r.decision == PASS and r.measurements]
+    assert res.chosen is not None
+    assert all(r.candidate.ratio >= res.chosen.ratio for r in passed if r.candidate.family == res.chosen.family)
+    # every decided candidate measured at most 1 + max_repeats times (hysteresis: never re-tested)
+    for key in set(dev.calls):
+        assert dev.calls.count(key) <= 2
+    assert res.measurements_used == len(dev.calls) <= 8
+
+
+def test_smooth_curve_finds_mildest_grid_point_within_budget():
+    dev = Device(smooth)
+    res = search(dev, [BASE], 40.0, "p95", RATIOS, max_measurements=8)
+    assert res.chosen.ratio == mildest_passing(smooth, 40.0)
+    assert res.lever == "pruning"
+    check_invariants(res, dev, 40.0)
+    assert len(dev.calls) <= 5
+
+
+@pytest.mark.parametrize("target", [55.0, 45.0, 38.0, 30.0, 22.0])
+def test_targets_across_the_range(target):
+    dev = Device(smooth)
+    res = search(dev, [BASE], target, "p95", RATIOS, max_measurements=8)
+    assert res.chosen is not None and res.chosen.ratio == mildest_passing(smooth, target)
+    check_invariants(res, dev, target)
+
+
+def test_steps_in_the_latency_curve():
+    # Latency only drops when a SIMD width boundary is crossed: long flat stretches, sharp steps.
+    def steps(c):
+        return 60.0 if c.ratio < 0.3 else 52.0 if c.ratio < 0.55 else 36.0
+
+    dev = Device(steps)
+    res = search(dev, [BASE], 40.0, "p95", RATIOS, max_measurements=8)
+    assert res.chosen.ratio == 0.55
+    check_invariants(res, dev, 40.0)
+
+
+def test_plateau_candidates_share_one_measurement():
+    # Rounded widths only change every 0.15 of ratio: same widths -> same architecture.
+    def sig(c):
+        return int(c.ratio / 0.15 + 1e-9)
+
+    def table(c):
+        return 60.0 * (1 - 0.15 * sig(c)) ** 1.5
+
+    dev = Device(table)
+    res = search(dev, [BASE], 40.0, "p95", RATIOS, max_measurements=8, signature=sig)
+    # The mildest ratio of the first passing plateau (sig 2 -> ratios 0.30..0.40).
+    assert res.chosen.ratio == 0.3
+    twins = [r for r in res.records.values() if r.same_as]
+    assert all(r.decision == res.records[r.same_as].decision for r in twins)
+    assert len(set(dev.calls)) == len(dev.calls)  # no plateau twin measured twice
+    check_invariants(res, dev, 40.0)
+
+
+def test_noise_straddling_target_is_repeated_then_decided_with_margin():
+    ms = [Measurement.of(39.9, (38.0, 42.0)), Measurement.of(40.1, (38.5, 41.5))]
+    assert decide(ms[:1], 40.0, "p95", 0.02, 1) == "unsure"
+    assert decide(ms, 40.0, "p95", 0.02, 1) == FAIL  # pooled 40.0 does not clear the 2 % margin
+    ms2 = [Measurement.of(38.0, (37.0, 40.5)), Measurement.of(38.4, (37.5, 40.2))]
+    assert decide(ms2, 40.0, "p95", 0.02, 1) == PASS
+    assert decide([Measurement.of(30.0, (29.0, None))], 40.0, "p95", 0.02, 1) == "unsure"  # unknown upper bound
+
+
+def test_noisy_device_never_flips_a_decision():
+    # Every candidate near the target straddles it on the first try; a second try decides.
+    def noisy(c):
+        v = smooth(c)
+        if abs(v - 40.0) < 4.0:
+            return [(v, v - 3.0, v + 3.0), (v, v - 2.5, v + 2.5)]
+        return v
+
+    dev = Device(noisy)
+    res = search(dev, [BASE], 40.0, "p95", RATIOS, max_measurements=8)
+    check_invariants(res, dev, 40.0)
+    assert res.chosen is not None and smooth(res.chosen) <= 40.0
+    repeated = {k for k in dev.calls if dev.calls.count(k) == 2}
+    assert repeated, "a straddling candidate must be measured again"
+    assert all(res.records[k].decision in (PASS, FAIL) for k in repeated)
+
+
+def test_already_met_needs_one_measurement_and_no_pruning():
+    dev = Device(smooth)
+    res = search(dev, [BASE], 70.0, "p95", RATIOS)
+    assert res.chosen == BASE and res.lever == "none" and dev.calls == [BASE.key]
+
+
+def test_unreachable_reports_best_latency():
+    dev = Device(smooth)
+    res = search(dev, [BASE], 5.0, "p95", RATIOS, max_measurements=8)
+    assert res.chosen is None
+    best = res.best()
+    assert best is not None and best.candidate.ratio == 0.7
+    assert math.isclose(best.point("p95"), smooth(Candidate(ratio=0.7)))
+    assert res.measurements_used <= 8
+
+
+def test_precision_change_preferred_over_pruning():
+    def table(c):
+        base = smooth(c)
+        return base * (0.6 if c.precision == "int8" else 1.0)
+
+    int8 = Candidate(0.0, "ort", "int8", 640)
+    dev = Device(table)
+    gated = []
+    res = search(dev, [BASE, int8], 40.0, "p95", RATIOS, gate=lambda c: gated.append(c.key) or True)
+    assert res.chosen == int8 and res.lever == "precision"
+    assert dev.calls == [BASE.key, int8.key] and gated == [int8.key]
+
+
+def test_precision_rejected_by_gate_falls_back_to_pruning():
+    def table(c):
+        return smooth(c) * (0.6 if c.precision == "int8" else 1.0)
+
+    int8 = Candidate(0.0, "ort", "int8", 640)
+    dev = Device(table)
+    res = search(dev, [BASE, int8], 40.0, "p95", RATIOS, gate=lambda c: False)
+    assert res.chosen.precision == "fp32" and res.chosen.ratio == mildest_passing(smooth, 40.0)
+    assert res.lever == "pruning"
+
+
+def test_pruning_plus_int8_when_int8_alone_is_not_enough():
+    def table(c):
+        return smooth(c) * (0.8 if c.precision == "int8" else 1.0)
+
+    int8 = Candidate(0.0, "ort", "int8", 640)
+    dev = Device(table)
+    res = search(dev, [BASE, int8], 30.0, "p95", RATIOS, gate=lambda c: True)
+    assert res.chosen.precision == "int8" and res.chosen.ratio > 0
+    assert res.lever == "pruning+precision"
+    assert 0.8 * smooth(res.chosen) * 1.02 <= 30.0
+
+
+def test_resume_replays_measurements_without_device_calls():
+    state = SearchState()
+    dev1 = Device(smooth)
+
+    class Interrupted(Exception):
+        pass
+
+    def flaky(c):
+        if len(dev1.calls) == 2:
+            raise Interrupted()
+        return dev1(c)
+
+    with pytest.raises(Interrupted):
+        search(flaky, [BASE], 40.0, "p95", RATIOS, state=state)
+    assert len(dev1.calls) == 2
+    # state survives a JSON round trip (it is written to the output folder)
+    import json
+
+    state2 = SearchState.from_json(json.loads(json.dumps(state.to_json())))
+    dev2 = Device(smooth)
+    res = search(dev2, [BASE], 40.0, "p95", RATIOS, state=state2)
+    ref = search(Device(smooth), [BASE], 40.0, "p95", RATIOS)
+    assert res.chosen == ref.chosen and res.measurements_used == ref.measurements_used
+    assert not set(dev2.calls) & set(dev1.calls)  # the two measured before were not measured again
+
+
+def test_budget_exhausted_returns_mildest_passing_measured():
+    dev = Device(smooth)
+    res = search(dev, [BASE], 40.0, "p95", RATIOS, max_measurements=2)
+    assert len(dev.calls) == 2
+    if res.chosen is not None:
+        assert res.records[res.chosen.key].decision == PASS
+
+
+def test_miss_after_finetune_steps_once_toward_more_pruning():
+    dev = Device(smooth)
+    res = search(dev, [BASE], 40.0, "p95", RATIOS)
+    chosen = res.chosen
+    prepared = []
+
+    def final_latency(c):  # the fine-tuned model at the chosen point misses (noise / new weights)
+        return Measurement.of(41.5, (41.0, 42.0)) if c == chosen else Measurement.of(smooth(c), (smooth(c) * 0.98, smooth(c) * 1.02))
+
+    v = verify(res, lambda c, short: prepared.append((c.ratio, short)), final_latency)
+    assert v.decision == PASS and v.steps == 1
+    assert v.candidate.ratio > chosen.ratio
+    assert prepared == [(chosen.ratio, False), (v.candidate.ratio, True)]  # one full fine-tune, one short recovery
+
+
+def test_verification_that_misses_twice_fails_without_oscillating():
+    res = search(Device(smooth), [BASE], 40.0, "p95", RATIOS)
+    calls = []
+    v = verify(res, lambda c, s: calls.append(c.ratio), lambda c: Measurement.of(45.0, (44.0, 46.0)))
+    assert v.decision == FAIL and v.candidate is None and v.steps == 1
+    assert calls == sorted(calls) and len(calls) == 2
