@@ -281,9 +281,14 @@ class OpenVinoSession:
             config["INFERENCE_PRECISION_HINT"] = "f32"
         elif precision == "bf16":
             config["INFERENCE_PRECISION_HINT"] = "bf16"
+        self.cache_error: Optional[str] = None
         if self.cache_dir is not None:
-            self.cache_dir.mkdir(parents=True, exist_ok=True)
-            config["CACHE_DIR"] = str(self.cache_dir)
+            try:
+                self.cache_dir.mkdir(parents=True, exist_ok=True)
+                config["CACHE_DIR"] = str(self.cache_dir)
+            except OSError as e:  # a read-only state dir costs a recompile, not the model
+                self.cache_error = f"{self.cache_dir}: {e.strerror or e}"
+                self.cache_dir = None
         self.config = config
         core = ov.Core()
         t0 = time.perf_counter()
@@ -340,6 +345,7 @@ class OpenVinoSession:
             "performance_hint": self._prop("PERFORMANCE_HINT"),
             "cache_dir": str(self.cache_dir) if self.cache_dir else None,
             "loaded_from_cache": self._prop("LOADED_FROM_CACHE"),
+            "cache_error": self.cache_error,
             "load_s": round(self.compile_s, 4),
         }
 

@@ -205,8 +205,9 @@ class Daemon:
         self.store.open()
         for note in self.store.recovered:
             log.warning("store recovery: %s", note)
-        self._load_initial()
+        # Credentials and broker URL are checked before the (possibly slow) model load.
         self.link = MqttLink(self.device, self.mqtt, self.state_dir, self._enqueue, self._status_fields)
+        self._load_initial()
         for name, q in (("cmd-fast", self._fast), ("cmd-slow", self._slow)):
             t = threading.Thread(target=self._worker, args=(q,), name=name, daemon=True)
             t.start()
@@ -358,9 +359,12 @@ class Daemon:
             "queue": self.link.queue_info() if self.link else {"pending": 0, "dropped": 0},
             "detections_dropped": self.link.detections_dropped if self.link else 0,
         }
+        body["inference"] = None
         if self.streams is not None:
             try:
-                body["streams"] = self.streams.metrics()
+                m = self.streams.metrics()
+                body["streams"] = m.get("streams", {})
+                body["inference"] = {k: m.get(k) for k in ("workers", "threads", "backend", "swaps", "uptime_s")}
             except Exception as e:  # noqa: BLE001 - telemetry must go out regardless
                 log.warning("stream metrics: %s", e)
         return body
@@ -375,11 +379,15 @@ class Daemon:
             log.warning("telemetry failed: %s", e)
 
     # ------------------------------------------------------------ commands
-    def _enqueue(self, name: str, payload: bytes) -> None:
+    def _enqueue(self, name: str, payload: bytes, retained: bool = False) -> None:
         """paho's network thread: classify and hand over, never block."""
         max_bytes = int(self.agent.max_payload_kb * 1024)
         if len(payload) > max_bytes:
             item = (name, None, CommandError("payload_too_large", f"{len(payload)} bytes > {max_bytes}"))
+        elif retained:
+            # A retained command would run again on every reconnect (think: rollback).
+            item = (name, payload, CommandError("retained", "commands must not be published with the retain flag; "
+                                                            "clear it with an empty retained message"))
         else:
             item = (name, payload, None)
         target = self._slow if name in SLOW and item[2] is None else self._fast
@@ -444,7 +452,8 @@ class Daemon:
     def cmd_status(self, args: dict) -> dict:
         return {**self._status_fields(), "state": "online" if self.link and self.link.connected else "offline",
                 "queue": self.link.queue_info() if self.link else None, "session": self.link.session if self.link else None,
-                "backend": self.inference.backend, "streams_metrics": self.streams.metrics() if self.streams else {}}
+                "backend": self.inference.backend,
+                "streams_metrics": self.streams.metrics().get("streams", {}) if self.streams else {}}
 
     def cmd_list_models(self, args: dict) -> dict:
         return {"models": [{**m.summary(), "state": self.store.state_of(m.id)} for m in self.store.list()]}
@@ -471,7 +480,7 @@ class Daemon:
             return {"active": self._model_info(m), "previous": self.store.previous.summary() if self.store.previous else None}
 
     def cmd_deploy(self, args: dict) -> dict:
-        from prune_pack.agent.package import check_validated
+        from prune_pack.agent.package import check_newer, check_validated
 
         force = args.get("force", False)
         with self._model_lock, self._fetched(args) as pkg:
@@ -480,8 +489,7 @@ class Daemon:
                 _crash_point("verified")
                 precision = check_validated(vp.manifest, self.inference.backend, self.inference.precision, force)
                 active = self.store.active
-                if active and active.name == vp.name and vp.version < active.version and not force:
-                    raise CommandError("older_version", f"{vp.name} v{vp.version} is older than the active v{active.version}; force to override")
+                check_newer(vp.manifest, active.manifest if active else None, force)  # replay/downgrade guard
                 m = self.store.stage(vp.dir, crash_hook=_crash_point)
             except BaseException:
                 vp.discard()
@@ -630,6 +638,9 @@ def _request_id(payload: bytes) -> Optional[str]:
 def cli_agent_run(args: Any, cfg: Any) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     d = Daemon.from_config(cfg)
+    # Handlers first: a SIGTERM during a slow start-up (model load) still ends in a clean stop.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: d.request_stop())
     d.start()
-    d.run(install_signals=True)
+    d.run(install_signals=False)
     return None

@@ -11,7 +11,8 @@ every connection attempt (the Last Will set for that attempt carries it with ``s
 
 Telemetry and command results always pass through the outbox (sqlite, in the state
 directory): a sender thread publishes them in order while connected and deletes each one
-only once it left (QoS 0) or was acknowledged (QoS 1). While the broker is unreachable they
+once it was acknowledged (QoS 1), or, for QoS 0, once the connection outlived it by
+1.5 x keepalive (a message written into a connection that was already dead is resent). While the broker is unreachable they
 accumulate, bounded by ``mqtt.queue_max`` (oldest dropped, counted), and are replayed in order
 with QoS 1 after reconnect. Delivery is at-least-once: consumers dedupe on
 ``(device_id, session, seq)``.
@@ -79,13 +80,21 @@ def parse_broker_url(url: str) -> tuple[str, int, bool]:
     """``mqtt://host[:port]`` or ``mqtts://host[:port]`` -> (host, port, tls)."""
     u = urlparse(url)
     if u.scheme not in ("mqtt", "mqtts") or not u.hostname:
-        raise ConfigError(f"broker URL must look like mqtt://host:1883 or mqtts://host:8883, got {url!r}")
+        raise ConfigError(f"broker URL must look like mqtt://host:1883 or mqtts://host:8883, got {redact(url)!r}")
     tls = u.scheme == "mqtts"
     try:
         port = u.port or (8883 if tls else 1883)
     except ValueError:
-        raise ConfigError(f"broker URL has an invalid port: {url!r}") from None
+        raise ConfigError(f"broker URL has an invalid port: {redact(url)!r}") from None
     return u.hostname, port, tls
+
+
+def redact(url: Optional[str]) -> str:
+    """A broker URL without any user:password part, for logs and messages."""
+    if not url:
+        return str(url)
+    u = urlparse(url)
+    return u._replace(netloc=u.netloc.rsplit("@", 1)[-1]).geturl()
 
 
 def read_password(mqtt: MqttSection) -> Optional[str]:
@@ -142,7 +151,8 @@ class Outbox:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")  # durable across process crashes
         self._db.execute("CREATE TABLE IF NOT EXISTS q (id INTEGER PRIMARY KEY AUTOINCREMENT, topic TEXT NOT NULL,"
-                         " payload TEXT NOT NULL, qos INTEGER NOT NULL, retain INTEGER NOT NULL, historical INTEGER NOT NULL)")
+                         " payload TEXT NOT NULL, qos INTEGER NOT NULL, retain INTEGER NOT NULL, historical INTEGER NOT NULL,"
+                         " sent_ms INTEGER)")
         self._db.execute("CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v INTEGER NOT NULL)")
 
     def _meta(self, key: str) -> int:
@@ -186,7 +196,8 @@ class Outbox:
 
     def head(self) -> Optional[tuple[int, str, dict, int, bool, bool]]:
         with self._lock:
-            row = self._db.execute("SELECT id, topic, payload, qos, retain, historical FROM q ORDER BY id LIMIT 1").fetchone()
+            row = self._db.execute("SELECT id, topic, payload, qos, retain, historical FROM q WHERE sent_ms IS NULL"
+                                   " ORDER BY id LIMIT 1").fetchone()
         if row is None:
             return None
         return row[0], row[1], json.loads(row[2]), row[3], bool(row[4]), bool(row[5])
@@ -195,9 +206,26 @@ class Outbox:
         with self._lock:
             self._db.execute("DELETE FROM q WHERE id=?", (row_id,))
 
-    def __len__(self) -> int:
+    def mark_sent(self, row_id: int) -> None:
+        """A QoS 0 message left through the socket: kept a while, in case the connection was
+        already dead (see ``forget_sent`` / ``resend_unconfirmed``)."""
         with self._lock:
-            return self._db.execute("SELECT COUNT(*) FROM q").fetchone()[0]
+            self._db.execute("UPDATE q SET sent_ms=? WHERE id=?", (int(time.time() * 1000), row_id))
+
+    def forget_sent(self, older_than_s: float) -> None:
+        with self._lock:
+            self._db.execute("DELETE FROM q WHERE sent_ms IS NOT NULL AND sent_ms < ?",
+                             (int((time.time() - older_than_s) * 1000),))
+
+    def resend_unconfirmed(self) -> int:
+        """After a reconnect: QoS 0 messages sent shortly before the link died go again."""
+        with self._lock:
+            return self._db.execute("UPDATE q SET sent_ms=NULL, historical=1 WHERE sent_ms IS NOT NULL").rowcount
+
+    def __len__(self) -> int:
+        """Messages not yet sent."""
+        with self._lock:
+            return self._db.execute("SELECT COUNT(*) FROM q WHERE sent_ms IS NULL").fetchone()[0]
 
     def close(self) -> None:
         with self._lock:
@@ -210,14 +238,14 @@ class Outbox:
 class MqttLink:
     """The device's connection: status/LWT, commands in, telemetry/results out via the outbox.
 
-    ``on_command(name, payload_bytes)`` is called from paho's network thread and must not
-    block (the daemon puts it on a queue). ``status_fields()`` returns the extra fields of the
+    ``on_command(name, payload_bytes, retained)`` is called from paho's network thread and
+    must not block (the daemon puts it on a queue). ``status_fields()`` returns the extra fields of the
     retained ``online`` status (active model ...). Without ``mqtt.broker`` the link is inert:
     messages are discarded, nothing is queued.
     """
 
     def __init__(self, device: DeviceSection, mqtt: MqttSection, state_dir: str | Path,
-                 on_command: Callable[[str, bytes], None],
+                 on_command: Callable[[str, bytes, bool], None],
                  status_fields: Callable[[], dict] = dict) -> None:
         self.device = device
         self.mqtt = mqtt
@@ -235,6 +263,7 @@ class MqttLink:
         self._sender: Optional[threading.Thread] = None
         self.client: Any = None
         self.connects = 0
+        self._confirm_s = 1.5 * mqtt.keepalive_s + 1.0
         self.detections_dropped = 0
         if self.enabled:
             self.client = make_client(mqtt, mqtt.client_id or f"prune-pack-{device.id}")
@@ -275,6 +304,9 @@ class MqttLink:
             log.warning("broker refused the connection: %s", reason_code)
             return
         self.connects += 1
+        resent = self.outbox.resend_unconfirmed()
+        if resent:
+            log.info("resending %d QoS 0 messages sent just before the connection was lost", resent)
         client.subscribe(self.topics.cmd_filter, qos=1)  # renewed on every connect (clean session)
         try:
             fields = self.status_fields()
@@ -284,7 +316,7 @@ class MqttLink:
         client.publish(self.topics.status, json.dumps(self.envelope(SCHEMA_STATUS, state="online", **fields)),
                        qos=1, retain=True)
         self._connected.set()
-        log.info("connected to %s (session %d)", self.mqtt.broker, self._session)
+        log.info("connected to %s (session %d)", redact(self.mqtt.broker), self._session)
         with self._wake:
             self._wake.notify_all()
 
@@ -297,7 +329,7 @@ class MqttLink:
         parts = msg.topic.split("/")
         name = parts[-1] if len(parts) >= 2 and parts[-2] == "cmd" else ""
         try:
-            self.on_command(name, msg.payload)
+            self.on_command(name, msg.payload, bool(msg.retain))
         except Exception as e:  # noqa: BLE001 - never kill paho's thread
             log.error("command dispatch failed: %s", e)
 
@@ -329,6 +361,8 @@ class MqttLink:
                                        qos=1, retain=True)
             try:
                 info.wait_for_publish(max(0.5, deadline - time.monotonic()))
+                if info.is_published():
+                    self.outbox.forget_sent(0.0)  # the broker had everything sent before it
             except (RuntimeError, ValueError):
                 pass
         self.client.disconnect()
@@ -366,7 +400,13 @@ class MqttLink:
     def _send_loop(self) -> None:
         import paho.mqtt.client as paho
 
+        last_forget = 0.0
         while not self._stop.is_set():
+            if self.connected and time.monotonic() - last_forget > 1.0:
+                # A QoS 0 message is only known delivered once the connection outlived it by
+                # the time a dead broker takes to be noticed (keepalive).
+                self.outbox.forget_sent(self._confirm_s)
+                last_forget = time.monotonic()
             head = self.outbox.head() if self.connected else None
             if head is None:
                 with self._wake:
@@ -378,23 +418,23 @@ class MqttLink:
                 qos = 1  # a replay must not be lost to the next hiccup
             info = self.client.publish(topic, json.dumps(message, separators=(",", ":")), qos=qos, retain=retain)
             if info.rc != paho.MQTT_ERR_SUCCESS:
-                if qos == 1 and info.rc == paho.MQTT_ERR_NO_CONN:
-                    self.outbox.delete(row_id)  # paho keeps QoS 1 messages and sends them on reconnect
-                time.sleep(0.1)  # not connected after all
+                # Not connected after all. The row stays on disk (durable across kill -9); paho
+                # may also send its in-memory QoS 1 copy after the reconnect: a duplicate, which
+                # consumers drop by (session, seq) - at least once, never lost.
+                time.sleep(0.1)
                 continue
             try:
                 info.wait_for_publish(max(2.0, float(self.mqtt.keepalive_s)))
             except (RuntimeError, ValueError):
                 pass
             if info.is_published():
-                self.outbox.delete(row_id)
-            elif not self.connected:
-                # Lost with the connection. paho resends its in-flight QoS 1 message itself
-                # after reconnect, so for QoS 1 the row goes (one copy, at least once).
-                if qos == 1:
-                    self.outbox.delete(row_id)
+                if qos == 0:
+                    self.outbox.mark_sent(row_id)
+                else:
+                    self.outbox.delete(row_id)  # acknowledged by the broker ...
+                    self.outbox.forget_sent(0.0)  # ... and so was every QoS 0 message before it (in-order stream)
             else:
-                time.sleep(0.1)
+                time.sleep(0.1)  # no ack (connection lost?): the row is sent again when connected
 
     def queue_info(self) -> dict:
         return {"pending": len(self.outbox), "dropped": self.outbox.dropped}

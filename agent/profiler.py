@@ -33,7 +33,7 @@ from prune_pack.errors import PrunePackError, UserInputError
 QUANTILES = {"p50": 0.50, "p90": 0.90, "p95": 0.95, "p99": 0.99}
 CI_LEVEL = 0.95
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
-MAX_IMAGES = 64  # preprocessed inputs kept in memory (640x640 float32 = 4.9 MB each)
+MAX_IMAGES = 16  # preprocessed inputs kept in memory (640x640 float32 = 4.9 MB each; counted in rss_peak_mb)
 
 
 # ---------------------------------------------------------------- statistics
@@ -331,7 +331,7 @@ def _profile_path(onnx_path: Path, sha: str, backend: str, precision: Optional[s
         "seconds": seconds,
         "threads": threads,
         "throughput_ips": round(len(lat_ms) / measured_s, 3) if measured_s > 0 else None,
-        "rss_peak_mb": _peak_rss_mb(),
+        "rss_peak_mb": _peak_rss_mb(),  # includes the inputs (inputs_mb)
         "rss_peak_scope": "session load + warm-up + runs" if hwm_reset else "process lifetime",
         "cpu_percent": round(100.0 * cpu_s / wall_s, 1) if wall_s > 0 else None,
         "model_sha256": sha,
@@ -339,6 +339,7 @@ def _profile_path(onnx_path: Path, sha: str, backend: str, precision: Optional[s
         "input_dtype": session.input_dtype,
         "input_source": source,
         "inputs": len(inputs),
+        "inputs_mb": round(sum(x.nbytes for x in inputs) / 2**20, 1),
         "backend_info": session.info(),
         "latencies_ms": [round(v, 4) for v in lat_ms],
     })
@@ -376,8 +377,9 @@ def profile_model(model: str | Path, threads: int = 2, warmup: int = 10, runs: i
     ``latencies_ms`` (every measured run, in order).
     """
     backends = _as_list(backend) or ["ort"]
-    precisions = _as_list(precision)
-    if backends == ["all"] or len(backends) > 1 or len(precisions) > 1:
+    every_precision = _as_list(precision) == ["all"]  # every precision the file can run on each backend
+    precisions = [] if every_precision else _as_list(precision)
+    if every_precision or backends == ["all"] or len(backends) > 1 or len(precisions) > 1:
         return profile_all(model, backends=backends, precisions=precisions or None, threads=threads, warmup=warmup,
                            runs=runs, seconds=seconds, images=images, trusted_keys=trusted_keys,
                            allow_unsigned=allow_unsigned, cache_dir=cache_dir, revoked_keys=revoked_keys,
@@ -496,26 +498,34 @@ def _table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def profile_kwargs(cfg: Any, **overrides: Any) -> dict[str, Any]:
+    """``profile_model`` keyword arguments from a ``Config`` (its ``profile`` and ``agent`` sections),
+    with ``overrides`` (None values ignored) on top: the CLI and the daemon's profile command share it.
+
+    ``runs`` given without ``seconds`` switches a config's ``seconds`` off (an explicit run count wins).
+    """
+    prof, agent = cfg.profile, cfg.agent
+    kw: dict[str, Any] = {
+        "threads": prof.threads, "warmup": prof.warmup, "runs": prof.runs, "seconds": prof.seconds,
+        "backend": prof.backend, "precision": prof.precision,
+        "trusted_keys": list(agent.trusted_keys), "revoked_keys": list(agent.revoked_keys),
+        "allow_unsigned": agent.allow_unsigned, "cache_dir": _cache_dir(agent.state_dir),
+        "max_bytes": int(agent.max_package_mb * 2**20),
+    }
+    given = {k: v for k, v in overrides.items() if v is not None}
+    if "runs" in given and "seconds" not in given:
+        kw["seconds"] = None
+    kw.update(given)
+    return kw
+
+
 def cli_profile(args: argparse.Namespace, cfg: Any) -> dict[str, Any]:
     """``prune-pack profile``: flags override the config's ``profile`` section, which overrides defaults."""
-    prof = cfg.profile
-    seconds = args.seconds if args.seconds is not None else (None if args.runs is not None else prof.seconds)
-    trusted = list(cfg.agent.trusted_keys) + list(args.pubkey or [])
-    result = profile_model(
-        args.model,
-        threads=args.threads if args.threads is not None else prof.threads,
-        warmup=args.warmup if args.warmup is not None else prof.warmup,
-        runs=args.runs if args.runs is not None else prof.runs,
-        seconds=seconds,
-        backend=args.backend or prof.backend,
-        precision=args.precision if args.precision is not None else prof.precision,
-        images=args.images,
-        trusted_keys=trusted,
-        revoked_keys=cfg.agent.revoked_keys,
-        allow_unsigned=bool(getattr(args, "allow_unsigned", False) or cfg.agent.allow_unsigned),
-        cache_dir=_cache_dir(cfg.agent.state_dir),
-        max_bytes=int(cfg.agent.max_package_mb * 2**20),
-    )
+    kw = profile_kwargs(cfg, threads=args.threads, warmup=args.warmup, runs=args.runs, seconds=args.seconds,
+                        backend=args.backend, precision=args.precision, images=args.images)
+    kw["trusted_keys"] = kw["trusted_keys"] + list(args.pubkey or [])
+    kw["allow_unsigned"] = bool(kw["allow_unsigned"] or getattr(args, "allow_unsigned", False))
+    result = profile_model(args.model, **kw)
     if not getattr(args, "latencies", False):
         result.pop("latencies_ms", None)
         for r in result.get("results", []):

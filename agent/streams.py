@@ -54,20 +54,21 @@ def cpu_count() -> int:
 
 
 def plan_parallelism(inference: InferenceSection, n_streams: int, cores: Optional[int] = None) -> tuple[int, int]:
-    """(workers, threads per worker) so that workers x threads == cores when either is 0.
+    """(workers, threads per worker) with workers x threads <= cores; an explicit value always wins.
 
-    Measured on 2 cores (bench/results/streams.md): with >= 2 streams, one single-threaded
-    worker per core beats one worker with all cores (intra-op threads scale worse than
-    independent frames and ORT's pool spins between runs); with one stream the two layouts are
-    within noise, so one worker keeps per-frame latency lowest. An explicit value always wins.
+    Frame-level parallelism first, intra-op threads for the cores left: workers =
+    min(cores, max(2, streams)), threads = cores // workers. Measured on 2 cores
+    (bench/results/streams.md): 2 workers x 1 thread gave 2.0-2.2x the frames per second and
+    ~1.9x the frames per CPU-second of 1 x 2, with 1 and with 2 streams (independent frames scale
+    better than ORT's intra-op threads, which also spin between runs).
     """
     cores = cores or cpu_count()
     workers, threads = inference.workers, inference.threads
     if workers <= 0 and threads <= 0:
-        workers = max(1, min(cores, n_streams)) if n_streams > 1 else 1
+        workers = min(cores, max(2, n_streams))
         threads = max(1, cores // workers)
     elif workers <= 0:
-        workers = max(1, min(n_streams, cores // threads)) if n_streams > 1 else 1
+        workers = max(1, min(max(2, n_streams), cores // threads))
     elif threads <= 0:
         threads = max(1, cores // workers)
     return workers, threads
@@ -153,8 +154,9 @@ def _rate(times: deque, now: float, since: float) -> float:
 class _Stream:
     """State of one stream; counters are guarded by the manager's lock."""
 
-    def __init__(self, cfg: StreamSection, conf: float) -> None:
+    def __init__(self, cfg: StreamSection, conf: float, lock: threading.Lock) -> None:
         self.cfg = cfg
+        self.space = threading.Condition(lock)  # policy block: the reader waits here for room in its queue
         self.name = cfg.name
         self.kind = source_kind(cfg.source)
         self.conf = cfg.conf if cfg.conf is not None else conf
@@ -202,10 +204,9 @@ class StreamManager:
         self.session_factory = session_factory
         self.on_detections = on_detections
         self.workers, self.threads = plan_parallelism(inference, len(streams))
-        self._streams = {s.name: _Stream(s, inference.conf) for s in streams}
         self._lock = threading.Lock()
+        self._streams = {s.name: _Stream(s, inference.conf, self._lock) for s in streams}
         self._have_frame = threading.Condition(self._lock)
-        self._have_space = threading.Condition(self._lock)
         self._stop = threading.Event()
         self._stopping = False
         self._threads: list[threading.Thread] = []
@@ -258,8 +259,12 @@ class StreamManager:
             self._model = self._load(self._model_path, self._names)
         for st in self._streams.values():
             if st.cfg.sink:
-                Path(st.cfg.sink).parent.mkdir(parents=True, exist_ok=True)
-                st.sink = open(st.cfg.sink, "a", encoding="utf-8", buffering=1)  # line-buffered: a crash loses <= 1 line
+                try:
+                    Path(st.cfg.sink).parent.mkdir(parents=True, exist_ok=True)
+                    st.sink = open(st.cfg.sink, "a", encoding="utf-8", buffering=1)  # line-buffered: a crash loses <= 1 line
+                except OSError as e:
+                    self._close_sinks()
+                    raise UserInputError(f"stream {st.name}: cannot open sink {st.cfg.sink}: {e.strerror or e}") from None
         self._started_at = time.monotonic()
         self._cpu_mark = (time.monotonic(), self._cpu_seconds())
         for st in self._streams.values():
@@ -278,7 +283,8 @@ class StreamManager:
         with self._lock:
             self._stopping = True
             self._have_frame.notify_all()
-            self._have_space.notify_all()
+            for st in self._streams.values():
+                st.space.notify_all()
         self._stop.set()
         deadline = time.monotonic() + timeout
         for t in self._threads:
@@ -292,12 +298,15 @@ class StreamManager:
                 st.queue.clear()
                 if st.state == "up":
                     st.state, st.reason = "down", "stopped"
+        self._close_sinks()
+        return self.metrics()
+
+    def _close_sinks(self) -> None:
         for st in self._streams.values():
             with st.sink_lock:
                 if st.sink:
                     st.sink.close()
                     st.sink = None
-        return self.metrics()
 
     def __enter__(self) -> "StreamManager":
         self.start()
@@ -317,6 +326,16 @@ class StreamManager:
         if changed:
             (log.info if state == "up" else log.warning)("stream %s: %s%s", st.name, state, f" ({reason})" if reason else "")
 
+    def _wait_for_space(self, st: _Stream) -> bool:
+        """``policy: block``: wait before reading until the queue has room; False when stopping.
+
+        Waiting *before* the read keeps every counted frame queued, processed or dropped.
+        """
+        with self._lock:
+            while len(st.queue) >= max(1, st.cfg.queue) and not self._stopping:
+                st.space.wait()
+            return not self._stopping
+
     def _enqueue(self, st: _Stream, frame: _Frame) -> bool:
         """Count a read frame and queue it; False when stopping (the frame is not counted)."""
         with self._lock:
@@ -324,14 +343,7 @@ class StreamManager:
                 return False
             st.read += 1
             st.read_times.append(frame.t)
-            cap = max(1, st.cfg.queue)
-            if st.cfg.policy == "block":
-                while len(st.queue) >= cap and not self._stopping:
-                    self._have_space.wait(0.5)
-                if self._stopping:
-                    st.dropped["stopped"] += 1
-                    return False
-            elif len(st.queue) >= cap:
+            if len(st.queue) >= max(1, st.cfg.queue):  # never true under policy block (see _wait_for_space)
                 st.queue.popleft()  # latest-frame policy: the oldest waiting frame is worth least
                 st.dropped["queue_full"] += 1
             st.queue.append(frame)
@@ -375,6 +387,8 @@ class StreamManager:
                             break
                         # After a stall, restart the schedule rather than burst to catch up.
                         next_t = max(next_t + file_interval, time.monotonic() - file_interval)
+                    if st.cfg.policy == "block" and not self._wait_for_space(st):
+                        break
                     ok, img = cap.read()
                     if not ok or img is None:
                         break
@@ -428,7 +442,7 @@ class StreamManager:
                 if best is not None:
                     frame = best.queue.popleft()
                     best.in_worker += 1
-                    self._have_space.notify()
+                    best.space.notify()
                     return best, frame, self._model  # the model snapshot this frame finishes on
                 self._have_frame.wait()
 
@@ -550,7 +564,8 @@ class StreamManager:
             model = self._model
             swaps = self._swaps
         res: dict[str, Any] = {"streams": out, "workers": self.workers, "threads": self.threads,
-                               "model": str(model.path) if model and model.path else None, "swaps": swaps,
+                               "model": str(model.path) if model and model.path else None,
+                               "backend": getattr(model.session, "backend", None) if model else None, "swaps": swaps,
                                "uptime_s": round(now - since, 1) if self._started_at else 0.0}
         res.update(self._process_metrics())
         return res

@@ -10,9 +10,11 @@ both backends.
         [--int8 qdq.onnx | --calib DIR [--int8-out bench/out/yolov8n-coco-int8.onnx]] \
         [--third-party ../shared/models/yolov8n_int8.onnx] [--threads 2] [--rounds 4] [--runs 20] [--warmup 5]
 
-``--calib DIR`` makes the QDQ file here with ONNX Runtime's ``quantize_static`` (MinMax, S8S8,
-per-tensor) from the first ``--calib-n`` images, preprocessed like Ultralytics. That is a quick
-stand-in for ``deploy.quantize`` (no accuracy gate): latency only.
+``--calib DIR`` makes the QDQ file here with ONNX Runtime's ``quantize_static`` (MinMax, per-tensor,
+U8 activations / S8 weights by default; ``--activation s8`` for S8S8) from the first ``--calib-n``
+images, preprocessed like Ultralytics. That is a quick stand-in for ``deploy.quantize`` (no
+accuracy gate): latency only. On the AVX512-VNNI EPYC of the team machine, ORT ran S8S8 QDQ
+1.6x *slower* than fp32 and U8S8 2x faster (bench/results/backends.md).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ REPO = Path(__file__).resolve().parent.parent
 SHARED = Path(os.environ.get("PRUNE_PACK_SHARED", REPO.parent / "shared"))
 
 
-def make_qdq(onnx: Path, calib: Path, n: int, out: Path) -> Path:
+def make_qdq(onnx: Path, calib: Path, n: int, out: Path, activation: str = "u8") -> Path:
     import cv2
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
@@ -50,7 +52,8 @@ def make_qdq(onnx: Path, calib: Path, n: int, out: Path) -> Path:
 
     out.parent.mkdir(parents=True, exist_ok=True)
     quantize_static(str(onnx), str(out), Reader(), quant_format=QuantFormat.QDQ,
-                    activation_type=QuantType.QInt8, weight_type=QuantType.QInt8)
+                    activation_type=QuantType.QUInt8 if activation == "u8" else QuantType.QInt8,
+                    weight_type=QuantType.QInt8)
     return out
 
 
@@ -60,6 +63,7 @@ def main() -> int:
     ap.add_argument("--int8", type=Path, help="static QDQ INT8 version of --onnx")
     ap.add_argument("--calib", type=Path, help="images to build the QDQ file here when --int8 is not given")
     ap.add_argument("--calib-n", type=int, default=16)
+    ap.add_argument("--activation", choices=["u8", "s8"], default="u8", help="activation type of the QDQ file made with --calib")
     ap.add_argument("--int8-out", type=Path, default=REPO / "bench" / "out" / "int8-qdq.onnx")
     ap.add_argument("--third-party", type=Path, default=SHARED / "models" / "yolov8n_int8.onnx")
     ap.add_argument("--threads", type=int, default=2)
@@ -74,7 +78,7 @@ def main() -> int:
     int8 = args.int8
     if int8 is None and args.calib:
         t = time.time()
-        int8 = make_qdq(args.onnx, args.calib, args.calib_n, args.int8_out)
+        int8 = make_qdq(args.onnx, args.calib, args.calib_n, args.int8_out, args.activation)
         print(f"made {int8} in {time.time() - t:.0f} s", file=sys.stderr)
     files = [("fp32 export", args.onnx)]
     if int8:

@@ -22,6 +22,7 @@ ratio grid) share one measurement.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -85,16 +86,34 @@ class Measurement:
         return float(v)
 
     def bounds(self, percentile: str) -> tuple[float, float]:
-        """The percentile's confidence interval; a missing side is unknown (-inf / +inf)."""
+        """The percentile's confidence interval. Too few runs for an upper bound (p99 of 100 runs):
+        the slowest run stands in (a weaker but honest bound); else a missing side is unknown."""
         ci = self.stats.get(f"{percentile}_ci_ms") or [None, None]
         lo = float(ci[0]) if ci[0] is not None else -math.inf
-        hi = float(ci[1]) if ci[1] is not None else math.inf
+        top = self.stats.get("max_ms")
+        hi = float(ci[1]) if ci[1] is not None else (float(top) if top is not None else math.inf)
         return lo, hi
 
     def summary(self, percentile: str) -> dict[str, Any]:
         keep = [f"{p}_ms" for p in PERCENTILES] + [f"{p}_ci_ms" for p in PERCENTILES] + [
             "mean_ms", "min_ms", "max_ms", "std_ms", "runs", "threads", "backend", "precision"]
         return {k: self.stats[k] for k in keep if k in self.stats}
+
+
+def pool(measurements: Sequence[Measurement]) -> Optional[Measurement]:
+    """One measurement from the raw latencies of several (a repeat narrows the interval instead
+    of just adding a vote); None when the device did not send its raw latencies."""
+    samples: list[float] = []
+    for m in measurements:
+        xs = m.stats.get("latencies_ms")
+        if not xs:
+            return None
+        samples += [float(x) for x in xs]
+    from prune_pack.agent.profiler import latency_stats  # torch-free, like this module
+
+    st = latency_stats(samples)
+    st.update(runs=len(samples), pooled=len(measurements))
+    return Measurement(st)
 
 
 def decide(measurements: Sequence[Measurement], target_ms: float, percentile: str, margin: float,
@@ -107,7 +126,8 @@ def decide(measurements: Sequence[Measurement], target_ms: float, percentile: st
     """
     if not measurements:
         return UNSURE
-    for m in measurements:
+    pooled_m = pool(measurements) if len(measurements) > 1 else None
+    for m in list(measurements) + ([pooled_m] if pooled_m else []):
         lo, hi = m.bounds(percentile)
         if hi <= target_ms:
             return PASS
@@ -115,6 +135,8 @@ def decide(measurements: Sequence[Measurement], target_ms: float, percentile: st
             return FAIL
     if len(measurements) <= max_repeats:
         return UNSURE
+    if pooled_m is not None and pooled_m.stats.get(f"{percentile}_ms") is not None and pooled_m.stats.get("pooled"):
+        return PASS if pooled_m.point(percentile) <= target_ms * (1.0 - margin) else FAIL
     pts = sorted(m.point(percentile) for m in measurements)
     mid = len(pts) // 2
     pooled = pts[mid] if len(pts) % 2 else (pts[mid - 1] + pts[mid]) / 2
@@ -135,6 +157,9 @@ class Record:
     def point(self, percentile: str) -> Optional[float]:
         if not self.measurements:
             return None
+        pooled = pool(self.measurements) if len(self.measurements) > 1 else None
+        if pooled is not None:
+            return pooled.point(percentile)
         pts = sorted(m.point(percentile) for m in self.measurements)
         return pts[len(pts) // 2]
 
@@ -143,7 +168,8 @@ class Record:
             "key": self.candidate.key, **self.candidate.to_dict(),
             "decision": self.decision, "same_as": self.same_as, "gate": self.gate,
             "latency_ms": self.point(percentile),
-            "ci_ms": list(self.measurements[-1].bounds(percentile)) if self.measurements else None,
+            "ci_ms": [v if math.isfinite(v) else None for v in (pool(self.measurements) or self.measurements[-1]).bounds(percentile)]
+            if self.measurements else None,
             "measurements": [m.summary(percentile) for m in self.measurements],
         }
 
@@ -257,6 +283,8 @@ class _Searcher:
         """Decide one candidate (measuring as needed); a decided candidate is never re-measured."""
         if c.key in self.records and self.records[c.key].decision:
             return self.records[c.key]
+        if self.used >= self.max_measurements and len(self.state.measurements.get(c.key, [])) == 0:
+            raise _Budget()  # before pruning it for its signature: that costs minutes on a big model
         rec = self.records.setdefault(c.key, Record(c))
         sig = self._sig(c)
         if sig is not None and sig in self.by_signature and self.by_signature[sig] != c.key:
@@ -480,3 +508,604 @@ def verify(result: SearchResult, prepare_final: Callable[[Candidate, bool], None
         steps += 1
         short = True
     return Verification(None, FAIL, steps, records, used)
+
+
+# ============================================================================ the pipeline
+
+
+def _log(msg: str) -> None:
+    # Progress goes to stderr so that --json keeps stdout to one JSON line.
+    print(f"build: {msg}", file=sys.stderr, flush=True)
+
+
+@dataclass
+class BuildOptions:
+    """Resolved settings of one build (flags > config > defaults, see ``cli_build``)."""
+
+    target_ms: float
+    out: Path
+    model: Optional[str] = None  # None (with data None) = the built-in demo
+    data: Optional[str] = None
+    percentile: str = "p95"
+    imgsz: int = 640
+    threads: int = 2
+    epochs: int = 10
+    precision: str = "fp32"  # fp32 | int8 | bf16 | auto
+    backend: str = "ort"  # ort | openvino | auto
+    device: str = "local"
+    broker: Optional[str] = None
+    sign: Optional[str] = None
+    resume: bool = False
+    max_ratio: float = 0.7
+    ratio_step: float = 0.05
+    max_measurements: int = 8
+    profile_timeout_s: float = 300.0
+    criterion: Optional[str] = None
+    finetune_fraction: float = 1.0
+    recovery_epochs: Optional[int] = None  # short recovery after a verification miss (default epochs // 3, >= 1)
+    cfg: Any = None  # the validated Config (prune/finetune/export/profile/mqtt/device sections)
+
+
+class _Work:
+    """The output folder's private work area: candidates, state, and the atomic hand-over."""
+
+    def __init__(self, out: Path, resume: bool) -> None:
+        self.out = out
+        self.dir = out / ".work"
+        self.state_path = self.dir / "state.json"
+        if resume:
+            if not self.state_path.is_file():
+                raise UserInputError(f"--resume: no interrupted build in {out} (no {self.state_path})")
+            self.state = json.loads(self.state_path.read_text(encoding="utf-8"))
+        else:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            self.state = {"version": STATE_VERSION}
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.state.setdefault("phases_s", {})
+        self.state.setdefault("search", {})
+        self.state.setdefault("final", {})
+        self.state.setdefault("finetuned", {})
+        self.state.setdefault("candidates", {})
+        self.state.setdefault("val", {})
+
+    def save(self) -> None:
+        tmp = self.state_path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(self.state, indent=1, default=str), encoding="utf-8")
+        os.replace(tmp, self.state_path)
+
+    class _Phase:
+        def __init__(self, work: "_Work", name: str) -> None:
+            self.work, self.name = work, name
+
+        def __enter__(self) -> None:
+            self.t0 = time.monotonic()
+
+        def __exit__(self, *exc: Any) -> None:
+            ph = self.work.state["phases_s"]
+            ph[self.name] = round(ph.get(self.name, 0.0) + time.monotonic() - self.t0, 2)
+            self.work.save()
+
+    def phase(self, name: str) -> "_Work._Phase":
+        return _Work._Phase(self, name)
+
+
+def plan_levers(backend: str, precision: str, imgsz: int, available: Sequence[str], bf16: bool) -> list[Candidate]:
+    """Full-width candidates in order of accuracy cost; the first is what the user asked for.
+
+    ``precision auto``: ORT FP32 (no cost) -> OpenVINO FP32 (same math, another runtime; with
+    ``--backend auto``) -> OpenVINO BF16 (where the CPU has native bf16) -> INT8 (gated by mAP).
+    """
+    if precision != "auto":
+        b = backend
+        if b == "auto":
+            b = "openvino" if precision == "bf16" or "openvino" in available else "ort"
+        if precision == "bf16" and b != "openvino":
+            raise UserInputError("bf16 runs on OpenVINO only: use --backend openvino (or auto)")
+        if b == "openvino" and "openvino" not in available:
+            raise UserInputError("--backend openvino: OpenVINO is not installed (pip install 'prune-pack[openvino]')")
+        return [Candidate(0.0, b, precision, imgsz)]
+    base_backend = "ort" if backend in ("auto", "ort") else backend
+    levers = [Candidate(0.0, base_backend, "fp32", imgsz)]
+    if "openvino" in available and backend in ("auto", "openvino"):
+        if base_backend != "openvino":
+            levers.append(Candidate(0.0, "openvino", "fp32", imgsz))
+        if bf16:
+            levers.append(Candidate(0.0, "openvino", "bf16", imgsz))
+    levers.append(Candidate(0.0, base_backend, "int8", imgsz))
+    return levers
+
+
+def ratio_grid(max_ratio: float, step: float) -> list[float]:
+    n = int(math.floor(max_ratio / step + 1e-9))
+    return [round(step * i, 4) for i in range(1, n + 1)]
+
+
+def _suggestions(opts: BuildOptions, levers: Sequence[Candidate]) -> str:
+    tips = []
+    if not any(c.precision == "int8" for c in levers):
+        tips.append("INT8 (--int8 or --precision auto)")
+    if opts.imgsz > 320:
+        tips.append(f"a smaller input size (--imgsz {max(320, (opts.imgsz * 3 // 4) // 32 * 32)})")
+    tips.append("more device threads (--threads)")
+    tips.append("a smaller base model or a higher --target-ms")
+    return ", ".join(tips)
+
+
+class _Pipeline:
+    """The host-side work behind the search's callbacks (prune, export, quantize, profile)."""
+
+    def __init__(self, opts: BuildOptions, work: _Work, model_pt: Path, data_yaml: Path, key_path: Path,
+                 names: dict[int, str]) -> None:
+        self.opts, self.work, self.model_pt, self.data_yaml = opts, work, model_pt, data_yaml
+        self.key_path, self.names = key_path, names
+        self.cfg = opts.cfg
+        self.remote: Any = None
+        self.version = 0
+        self.val_cache: dict[str, dict] = work.state["val"]
+
+    # ---------------------------------------------------------------- artifacts (cached on disk)
+    def pruned(self, ratio: float) -> tuple[Path, dict]:
+        if ratio == 0:
+            return self.model_pt, {}
+        d = self.work.dir / "pruned"
+        pt, info_path = d / f"r{ratio:.3f}.pt", d / f"r{ratio:.3f}.json"
+        if pt.is_file() and info_path.is_file():
+            return pt, json.loads(info_path.read_text())
+        from prune_pack.pruning.checkpoint import save_pruned
+        from prune_pack.pruning.prune import prune_model
+
+        pc = self.cfg.prune
+        with self.work.phase("prune"):
+            _log(f"pruning {ratio:.0%} of the channels ({pc.allocation} allocation)")
+            yolo, info = prune_model(self.model_pt, ratio, criterion=self.opts.criterion or pc.criterion,
+                                     data_yaml=self.data_yaml, imgsz=self.opts.imgsz, allocation=pc.allocation,
+                                     max_layer_ratio=pc.max_layer_ratio, round_to=pc.round_to,
+                                     calib_images=pc.calib_images, bias_compensation=pc.bias_compensation)
+            d.mkdir(parents=True, exist_ok=True)
+            save_pruned(yolo, pt, info)
+            info_path.write_text(json.dumps(info, default=str))
+        return pt, info
+
+    def widths(self, c: Candidate) -> Hashable:
+        _, info = self.pruned(c.ratio)
+        return {k: v[1] for k, v in sorted((info.get("widths") or {}).items())}
+
+    def onnx(self, c: Candidate) -> Path:
+        from prune_pack.deploy.export import export_onnx
+
+        pt, _ = self.pruned(c.ratio)
+        d = self.work.dir / "onnx"
+        fp32 = d / f"r{c.ratio:.3f}-{c.imgsz}.onnx"
+        if not fp32.is_file():
+            with self.work.phase("export"):
+                _log(f"exporting r={c.ratio:.2f} to ONNX at {c.imgsz}")
+                export_onnx(pt, fp32.with_suffix(".tmp.onnx"), imgsz=c.imgsz)
+                os.replace(fp32.with_suffix(".tmp.onnx"), fp32)
+        if c.precision != "int8":
+            return fp32
+        q = d / f"r{c.ratio:.3f}-{c.imgsz}-int8.onnx"
+        if not q.is_file():
+            from prune_pack.deploy.quantize import quantize_int8
+            from prune_pack.pruning.sources import dataset_images
+
+            with self.work.phase("quantize"):
+                calib = dataset_images(self.data_yaml, "train", limit=self.cfg.export.int8_calib_images)
+                _log(f"quantizing r={c.ratio:.2f} to INT8 ({len(calib)} calibration images)")
+                quantize_int8(fp32, q.with_suffix(".tmp.onnx"), calib, c.imgsz)
+                os.replace(q.with_suffix(".tmp.onnx"), q)
+        return q
+
+    def candidate_package(self, c: Candidate) -> Path:
+        """Remote devices take packages (signed, so a device with trusted keys accepts them)."""
+        from prune_pack.agent.package import write_package
+
+        pkg = self.work.dir / "packages" / f"{c.key}.ppk"
+        if not pkg.is_file():
+            self.version += 1
+            man = {"name": "prune-pack-build-candidate", "version": int(time.time()) * 100 + self.version,
+                   "precision": c.precision, "imgsz": c.imgsz, "names": [self.names[k] for k in sorted(self.names)],
+                   "validated": [{"backend": c.backend, "precision": c.precision}],
+                   "provenance": {"candidate": c.key, "base_sha256": self.work.state.get("model_sha256")}}
+            write_package(self.onnx(c), man, pkg, signing_key=self.key_path, registry=self.work.dir / "versions.json")
+        return pkg
+
+    # ---------------------------------------------------------------- device
+    def _profile(self, target: Path, c: Candidate, package: bool) -> Measurement:
+        pcfg = self.cfg.profile
+        with self.work.phase("profile"):
+            if self.opts.device == "local":
+                from prune_pack.agent.profiler import profile_model
+
+                kw: dict[str, Any] = {}
+                if package:
+                    kw["trusted_keys"] = [self.key_path.with_suffix(".pub")]
+                r = profile_model(str(target), threads=self.opts.threads, warmup=pcfg.warmup, runs=pcfg.runs,
+                                  seconds=pcfg.seconds, backend=c.backend, precision=c.precision, **kw)
+            else:
+                pkg = target if package else self.candidate_package(c)
+                r = self.device().profile_package(pkg, backend=c.backend, precision=c.precision, runs=pcfg.runs,
+                                                  warmup=pcfg.warmup, seconds=pcfg.seconds, threads=self.opts.threads,
+                                                  timeout=self.opts.profile_timeout_s, retries=1, force=True)
+        r = {k: v for k, v in r.items() if k not in ("context", "model")}
+        return Measurement(r)
+
+    def device(self) -> Any:
+        if self.remote is None:
+            from prune_pack.deploy.remote import RemoteDevice
+
+            self.remote = RemoteDevice(self.cfg.mqtt, self.opts.device, site=self.cfg.device.site, broker=self.opts.broker,
+                                       max_inline_mb=self.cfg.agent.max_inline_mb)
+            self.remote.connect()
+        return self.remote
+
+    def measure(self, c: Candidate) -> Measurement:
+        path = self.onnx(c)
+        m = self._profile(path, c, package=False)
+        pct = self.opts.percentile
+        lo, hi = m.bounds(pct)
+        _log(f"measured {c.key}: {pct} {m.point(pct):.1f} ms (95% CI {lo:.1f}-{hi:.1f}, target {self.opts.target_ms:g})")
+        return m
+
+    # ---------------------------------------------------------------- accuracy
+    def validate(self, path: Path, key: str) -> dict:
+        if key not in self.val_cache:
+            from prune_pack.pruning.finetune import validate
+
+            with self.work.phase("validate"):
+                _log(f"validating {key} on the val split")
+                self.val_cache[key] = validate(str(path), str(self.data_yaml), imgsz=self.opts.imgsz)
+            self.work.save()
+        return self.val_cache[key]
+
+    def gate(self, c: Candidate) -> bool:
+        """Accuracy gate of a full-width lever: INT8 must stay within export.int8_max_map_drop."""
+        if c.precision == "fp32":
+            return True  # the same FP32 math on another runtime
+        from prune_pack.deploy.quantize import AccuracyGateError, int8_gate
+
+        fp32 = self.validate(self.onnx(dataclasses.replace(c, precision="fp32", backend="ort")),
+                             dataclasses.replace(c, precision="fp32", backend="ort").key)
+        if c.precision == "bf16":
+            from prune_pack.deploy.export import openvino_precision, validate_openvino
+
+            if openvino_precision(self.onnx(c)) != "bf16":
+                _log("OpenVINO would not run this model in bf16 here: the bf16 lever cannot be validated")
+                return False
+            if c.key not in self.val_cache:
+                with self.work.phase("validate"):
+                    _log(f"validating {c.key} (OpenVINO bf16) on the val split")
+                    self.val_cache[c.key] = validate_openvino(self.onnx(c), self.data_yaml, c.imgsz)
+            q = self.val_cache[c.key]
+        else:
+            q = self.validate(self.onnx(c), c.key)
+        try:
+            drop = int8_gate(fp32["map50_95"], q["map50_95"], self.cfg.export.int8_max_map_drop, what=c.precision.upper())
+            _log(f"{c.precision.upper()} accuracy gate passed (mAP50-95 drop {drop:+.4f})")
+            return True
+        except AccuracyGateError as e:
+            _log(str(e))
+            return False
+
+
+def _finetuned(pipe: _Pipeline, c: Candidate, short: bool) -> Path:
+    """One full fine-tune at the chosen point (or a short recovery after a step), cached for --resume."""
+    opts, work = pipe.opts, pipe.work
+    tag = f"r{c.ratio:.3f}{'-short' if short else ''}"
+    done = work.state["finetuned"].get(tag)
+    if done and Path(done["pt"]).is_file():
+        _log(f"reusing the finished fine-tune {tag}")
+        return Path(done["pt"])
+    from prune_pack.pruning.finetune import finetune
+
+    pt, _ = pipe.pruned(c.ratio)
+    fc = pipe.cfg.finetune
+    epochs = opts.epochs if not short else (opts.recovery_epochs or max(1, opts.epochs // 3))
+    out = work.dir / "finetuned" / f"{tag}.pt"
+    with work.phase("finetune"):
+        _log(f"fine-tuning r={c.ratio:.2f} for {epochs} epoch(s){' (short recovery)' if short else ''}"
+             f"{' with distillation from the unpruned model' if fc.distill else ''}")
+        r = finetune(pt, pipe.data_yaml, epochs=epochs, imgsz=opts.imgsz, teacher=pipe.model_pt if fc.distill else None,
+                     out=out, lr0=fc.lr0, batch=fc.batch, workers=fc.workers, distill_weight=fc.distill_weight,
+                     patience=fc.patience, fraction=opts.finetune_fraction, measure_before=False)
+    work.state["finetuned"][tag] = {"pt": str(out), "epochs": r.get("epochs"), "seconds": r.get("seconds"),
+                                    "after": r.get("after")}
+    work.save()
+    return out
+
+
+def _final_package(pipe: _Pipeline, c: Candidate, final_pt: Path, name: str) -> dict:
+    from prune_pack.deploy.export import export_package
+
+    work = pipe.work
+    d = work.dir / "final" / c.key
+    cached = work.state["final"].get(c.key, {}).get("package")
+    if cached and Path(cached["out"]).is_file() and cached.get("source") == str(final_pt):
+        return cached
+    shutil.rmtree(d, ignore_errors=True)
+    d.mkdir(parents=True)
+
+    def val_fn(path: Any, data: Any, imgsz: int) -> dict:
+        # The exporter validates the ONNX it packs; keep the full result (per class) for the report.
+        key = f"final-{c.key}-{Path(path).name}"
+        return pipe.validate(Path(path), key)
+
+    with work.phase("package"):
+        _log(f"exporting, checking parity and packing {c.key}")
+        r = export_package(final_pt, d / f"{name}.ppk", imgsz=c.imgsz, int8=c.precision == "int8",
+                           data_yaml=pipe.data_yaml, sign=pipe.key_path, name=name, latency_runs=0,
+                           calib_images=pipe.cfg.export.int8_calib_images, max_map_drop=pipe.cfg.export.int8_max_map_drop,
+                           val_fn=val_fn, registry=work.dir / "versions.json",
+                           backends=("ort", "openvino") if c.backend == "openvino" or pipe.opts.backend == "auto" else ("ort",))
+    r = {k: v for k, v in r.items() if k != "summary"}
+    r["source"] = str(final_pt)
+    r["after"] = pipe.val_cache.get(f"final-{c.key}-model{'_int8' if c.precision == 'int8' else ''}.onnx")
+    work.state["final"].setdefault(c.key, {})["package"] = r
+    work.save()
+    return r
+
+
+def run_build(opts: BuildOptions) -> dict[str, Any]:
+    """The whole build; returns the CLI's result dict. Output folder gets the package, report.json,
+    report.md and latency.png only when everything succeeded (work happens in ``OUT/.work``)."""
+    from prune_pack.agent import backends as be
+    from prune_pack.deploy import demo
+    from prune_pack.deploy.report import write_reports
+    from prune_pack.pruning.sources import resolve_dataset, resolve_model, sha256_file
+
+    if opts.percentile not in PERCENTILES:
+        raise UserInputError(f"--percentile {opts.percentile}: choose from {', '.join(PERCENTILES)}")
+    if not opts.target_ms > 0:
+        raise UserInputError(f"--target-ms {opts.target_ms}: expected a positive number of milliseconds")
+    if opts.imgsz < 32 or opts.imgsz % 32:
+        raise UserInputError(f"--imgsz {opts.imgsz}: must be a positive multiple of 32")
+    if (opts.model is None) != (opts.data is None):
+        raise UserInputError("--model and --data go together (the data fine-tunes and validates the model); "
+                             "leave both out for the built-in demo")
+    if opts.sign and not Path(opts.sign).expanduser().is_file():
+        raise UserInputError(f"--sign {opts.sign}: key file not found")
+    if opts.device != "local" and not (opts.broker or opts.cfg.mqtt.broker):
+        raise UserInputError(f"--device {opts.device}: a remote device needs a broker (--broker URL or mqtt.broker in --config)")
+    out = opts.out.expanduser().resolve()
+    existed = out.exists()
+    if existed and not out.is_dir():
+        raise UserInputError(f"--out {out} exists and is not a folder")
+    t_start = time.monotonic()
+    work = _Work(out, opts.resume)
+    pipe: Optional[_Pipeline] = None
+    try:
+        with work.phase("resolve"):
+            if opts.model is None:
+                _log("no --model/--data: using the built-in demo model and its synthetic dataset")
+                model_pt, data_src = demo.demo_model(), demo.ensure_demo_dataset()
+            else:
+                model_pt, data_src = resolve_model(opts.model), Path(opts.data)
+            data_yaml = resolve_dataset(data_src, work.dir / "data")
+            import yaml
+
+            names = {int(k): str(v) for k, v in yaml.safe_load(data_yaml.read_text())["names"].items()}
+            sha = sha256_file(model_pt)
+            fp = {"model_sha256": sha, "data": str(Path(data_src).resolve()), "imgsz": opts.imgsz, "threads": opts.threads,
+                  "device": opts.device, "max_ratio": opts.max_ratio, "ratio_step": opts.ratio_step,
+                  "precision": opts.precision, "backend": opts.backend}
+            if opts.resume and work.state.get("fingerprint") not in (None, fp):
+                raise UserInputError(f"--resume: {out} holds a build of another model/settings; use another --out")
+            work.state["fingerprint"] = fp
+            work.state["model_sha256"] = sha
+            if opts.sign:
+                key_path = Path(opts.sign).expanduser().resolve()
+            else:
+                from prune_pack.agent.package import ensure_default_key
+
+                key_path, created = ensure_default_key()
+                if created:
+                    print(f"prune-pack: created your signing key {key_path} (devices must trust {key_path.with_suffix('.pub')})",
+                          file=sys.stderr)
+            work.save()
+        pipe = _Pipeline(opts, work, model_pt, data_yaml, key_path, names)
+        if opts.device != "local":
+            with work.phase("resolve"):
+                _log(f"checking that device {opts.device} is online")
+                pipe.device().ping(timeout=min(30.0, opts.profile_timeout_s))
+        levers = plan_levers(opts.backend, opts.precision, opts.imgsz, be.available_backends(), be.bf16_supported())
+        ratios = ratio_grid(opts.max_ratio, opts.ratio_step)
+        state = SearchState.from_json(work.state["search"])
+        verify_reserve = 2 if opts.max_measurements >= 4 else 1
+
+        def on_update(st: SearchState, rec: Record) -> None:
+            work.state["search"] = st.to_json()
+            work.save()
+
+        _log(f"target {opts.target_ms:g} ms at {opts.percentile}, {opts.imgsz}x{opts.imgsz}, {opts.threads} threads, "
+             f"device {opts.device}; levers {', '.join(c.key for c in levers)}; up to {opts.max_measurements} device measurements")
+        with work.phase("search"):
+            res = search(pipe.measure, levers, opts.target_ms, opts.percentile, ratios,
+                         max_measurements=max(1, opts.max_measurements - verify_reserve), signature=pipe.widths,
+                         gate=pipe.gate, state=state, on_update=on_update)
+        work.state["search"] = state.to_json()
+        work.save()
+        base_rec = res.records[levers[0].key]
+        baseline_ms = base_rec.point(opts.percentile)
+        if res.chosen is None:
+            best = res.best()
+            best_txt = (f"best {best.point(opts.percentile):.1f} ms ({best.candidate.key})" if best else "nothing measured")
+            raise TargetUnreachable(
+                f"target {opts.target_ms:g} ms at {opts.percentile} not reachable up to prune ratio {opts.max_ratio:g} "
+                f"({res.reason}; unpruned {baseline_ms:.1f} ms, {best_txt}); what could help: {_suggestions(opts, levers)}"
+                + ("; the device's measurements were noisy: raise profile.runs or build.max_measurements, or measure on a quieter device"
+                   if "budget" in res.reason else ""))
+        _log(f"chosen {res.chosen.key} ({res.lever}); {res.measurements_used} device measurement(s) so far")
+        # "Before" is the unpruned FP32 ONNX model: the same runtime path as what ships.
+        ref = dataclasses.replace(levers[0], precision="fp32", backend="ort")
+        before = pipe.validate(pipe.onnx(ref), ref.key)
+        name = Path(model_pt).stem + f"-{opts.target_ms:g}ms"
+
+        def prepare_final(c: Candidate, short: bool) -> None:
+            final_pt = pipe.model_pt if c.ratio == 0 else _finetuned(pipe, c, short)
+            _final_package(pipe, c, final_pt, name)
+
+        def measure_final(c: Candidate) -> Measurement:
+            pkg = Path(work.state["final"][c.key]["package"]["out"])
+            m = pipe._profile(pkg, c, package=True)
+            pct = opts.percentile
+            lo, hi = m.bounds(pct)
+            _log(f"verified {c.key} (fine-tuned package): {pct} {m.point(pct):.1f} ms (95% CI {lo:.1f}-{hi:.1f})")
+            return m
+
+        def on_final(c: Candidate, m: Measurement) -> None:
+            work.state["final"].setdefault(c.key, {}).setdefault("measurements", []).append(m.stats)
+            work.save()
+
+        replay = {f"final-{k}": v.get("measurements", []) for k, v in work.state["final"].items()}
+        with work.phase("verify"):
+            ver = verify(res, prepare_final, measure_final,
+                         max_measurements=max(1, opts.max_measurements - res.measurements_used),
+                         signature=pipe.widths, on_measure=on_final, replay=replay)
+        if ver.candidate is None:
+            last = ver.records[-1]["latency_ms"] if ver.records else None
+            raise TargetUnreachable(
+                f"the fine-tuned model misses {opts.target_ms:g} ms at {opts.percentile} on the device "
+                f"({last:.1f} ms after {ver.steps} step toward more pruning); the target is at the edge of the noise: "
+                f"rerun, or set a slightly higher --target-ms; what could help: {_suggestions(opts, levers)}")
+        chosen = ver.candidate
+        final = work.state["final"][chosen.key]
+        pkg_info = final["package"]
+        after = pkg_info.get("after") or {}
+        achieved = sorted(Measurement(s).point(opts.percentile) for s in final["measurements"])
+        achieved_ms = achieved[len(achieved) // 2]
+        _, pinfo = pipe.pruned(chosen.ratio)
+
+        report = _assemble_report(opts, res, ver, levers, baseline_ms, achieved_ms, before, after, pkg_info, pinfo,
+                                  pipe, work, model_pt, data_src, t_start)
+        report["package"] = str(out / Path(pkg_info["out"]).name)
+        with work.phase("report"):
+            files = write_reports(report, work.dir)
+        # The hand-over: deliverables appear in OUT only now, each by an atomic rename.
+        pkg_src = Path(pkg_info["out"])
+        dest = {pkg_src: out / pkg_src.name}
+        for k in ("json", "markdown", "plot"):
+            if files.get(k):
+                dest[Path(files[k])] = out / Path(files[k]).name
+        for src, dst in dest.items():
+            os.replace(src, dst)
+        shutil.rmtree(work.dir, ignore_errors=True)
+        result = {
+            "target_ms": opts.target_ms, "percentile": opts.percentile, "achieved_ms": round(achieved_ms, 3),
+            "baseline_ms": round(baseline_ms, 3) if baseline_ms is not None else None,
+            "measurements": report["measurements"], "ratio": chosen.ratio, "achieved_ratio": report["achieved_ratio"],
+            "lever": report["lever"], "backend": chosen.backend, "precision": chosen.precision, "imgsz": chosen.imgsz,
+            "map50_95_before": before.get("map50_95"), "map50_95_after": after.get("map50_95"),
+            "map50_before": before.get("map50"), "map50_after": after.get("map50"),
+            "verification_steps": ver.steps, "package": report["package"], "report": str(out / "report.md"),
+            "seconds": round(time.monotonic() - t_start, 1),
+        }
+        result["summary"] = (
+            f"{opts.percentile} {achieved_ms:.1f} ms <= target {opts.target_ms:g} ms (unpruned {baseline_ms:.1f} ms) via "
+            f"{report['lever']} (ratio {chosen.ratio:.2f}, {chosen.backend}/{chosen.precision}); mAP50-95 "
+            f"{_num(before.get('map50_95'))} -> {_num(after.get('map50_95'))}; {report['measurements']} device measurements; "
+            f"wrote {result['package']} and {result['report']}")
+        return result
+    except (TargetUnreachable, UserInputError):
+        # A decision, not an accident: leave OUT as it was (no half-written build to resume).
+        shutil.rmtree(work.dir, ignore_errors=True)
+        if not existed:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+    except BaseException:
+        # Interrupted or failed mid-way: keep OUT/.work so that --resume reuses what was measured.
+        with contextlib.suppress(Exception):
+            work.save()
+        print(f"build: stopped; `prune-pack build ... --out {out} --resume` continues from what was measured",
+              file=sys.stderr)
+        raise
+    finally:
+        if pipe is not None and pipe.remote is not None:
+            with contextlib.suppress(Exception):
+                pipe.remote.close()
+
+
+def _num(v: Any) -> str:
+    return f"{v:.4f}" if isinstance(v, (int, float)) else "n/a"
+
+
+def _assemble_report(opts: BuildOptions, res: SearchResult, ver: Verification, levers: Sequence[Candidate],
+                     baseline_ms: Optional[float], achieved_ms: float, before: dict, after: dict, pkg_info: dict,
+                     pinfo: dict, pipe: _Pipeline, work: _Work, model_pt: Path, data_src: Path, t_start: float) -> dict:
+    chosen = ver.candidate
+    assert chosen is not None
+    pct = opts.percentile
+    cands = []
+    for k in res.order:
+        d = res.records[k].to_dict(pct)
+        info_path = work.dir / "pruned" / f"r{d['ratio']:.3f}.json"
+        d["achieved_ratio"] = json.loads(info_path.read_text()).get("achieved_ratio") if info_path.is_file() else (0.0 if d["ratio"] == 0 else None)
+        cands.append(d)
+    lever = _lever_name(levers[0], chosen)
+    metrics = pkg_info.get("metrics") or {}
+    # What each lever cost: precision levers from their accuracy gate, pruning from the fine-tuned result.
+    costs = []
+    for lv in levers[1:]:
+        r = res.records.get(lv.key)
+        if r is None:
+            continue
+        q = pipe.val_cache.get(lv.key)
+        costs.append({"lever": _lever_name(levers[0], lv), "key": lv.key, "latency_ms": r.point(pct),
+                      "map_cost": (before.get("map50_95", 0) - q["map50_95"]) if q else None, "gate": r.gate})
+    if isinstance(after.get("map50_95"), (int, float)) and isinstance(before.get("map50_95"), (int, float)):
+        costs.append({"lever": lever, "key": chosen.key, "latency_ms": achieved_ms,
+                      "map_cost": before["map50_95"] - after["map50_95"], "gate": True})
+    context = {}
+    for r in list(res.records.values())[:1]:
+        if r.measurements:
+            context = {k: r.measurements[-1].stats.get(k) for k in ("backend", "precision", "threads", "runs")}
+    return {
+        "model": str(model_pt), "model_name": Path(model_pt).stem, "data": str(data_src),
+        "target_ms": opts.target_ms, "percentile": pct, "imgsz": chosen.imgsz, "threads": opts.threads,
+        "backend": chosen.backend, "precision": chosen.precision, "device": opts.device,
+        "lever": lever, "reason": res.reason, "chosen": chosen.to_dict(),
+        "achieved_ratio": pinfo.get("achieved_ratio", 0.0) if chosen.ratio > 0 else 0.0,
+        "achieved_ms": achieved_ms, "baseline_ms": baseline_ms,
+        "measurements": res.measurements_used + ver.measurements_used,
+        "search_measurements": res.measurements_used, "verify_measurements": ver.measurements_used,
+        "max_measurements": opts.max_measurements,
+        "candidates": cands,
+        "verification": {"steps": ver.steps, "decision": ver.decision, "records": ver.records},
+        "accuracy_before": before, "accuracy_after": after,
+        "map50_95_before": before.get("map50_95"), "map50_95_after": after.get("map50_95"),
+        "map50_before": before.get("map50"), "map50_after": after.get("map50"),
+        "params_before": pinfo.get("params_before") or metrics.get("params"),
+        "params_after": metrics.get("params"),
+        "gflops_before": pinfo.get("gflops_before") or metrics.get("gflops"),
+        "gflops_after": metrics.get("gflops"),
+        "widths": pinfo.get("widths"),
+        "lever_costs": costs,
+        "finetune": work.state["finetuned"],
+        "package_info": {k: pkg_info.get(k) for k in ("name", "version", "precision", "signed", "validated", "parity")},
+        "phases_s": dict(work.state["phases_s"]), "total_s": round(time.monotonic() - t_start, 1),
+        "device_context": context,
+    }
+
+
+def cli_build(args: Any, cfg: Any) -> dict[str, Any]:
+    """``prune-pack build``: flags win over the config's ``build`` section, which wins over defaults."""
+    from prune_pack.config import Config
+    from prune_pack.deploy import demo
+
+    cfg = cfg if cfg is not None else Config()
+    b = cfg.build
+    precision = "int8" if getattr(args, "int8", False) else (args.precision or b.precision)
+    if getattr(args, "int8", False) and args.precision not in (None, "int8"):
+        raise UserInputError(f"--int8 contradicts --precision {args.precision}")
+    is_demo = args.model is None and args.data is None
+    epochs = args.epochs if args.epochs is not None else (demo.DEMO_EPOCHS if is_demo else b.epochs)
+    if epochs < 1:
+        raise UserInputError(f"--epochs {epochs}: at least one fine-tuning epoch is needed")
+    threads = args.threads if args.threads is not None else b.threads
+    imgsz = args.imgsz or (demo.DEMO_IMGSZ if is_demo and b.imgsz == 640 else b.imgsz)
+    opts = BuildOptions(
+        target_ms=float(args.target_ms), out=Path(args.out or b.out), model=args.model, data=args.data,
+        percentile=args.percentile or b.percentile, imgsz=imgsz, threads=threads, epochs=epochs,
+        precision=precision, backend=args.backend or b.backend, device=args.device or b.device, broker=args.broker,
+        sign=args.sign, resume=bool(args.resume), max_ratio=b.max_ratio, max_measurements=b.max_measurements,
+        profile_timeout_s=b.profile_timeout_s, criterion=args.criterion,
+        finetune_fraction=demo.DEMO_FRACTION if is_demo else 1.0, cfg=cfg)
+    return run_build(opts)

@@ -19,7 +19,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Optional
 
-from prune_pack.agent.mqtt import Topics, make_client
+from prune_pack.agent.mqtt import Topics, make_client, redact
 from prune_pack.agent.settings import MqttSection
 from prune_pack.errors import PackageRejected, PrunePackError, UserInputError
 
@@ -72,12 +72,12 @@ def _connect(mqtt: MqttSection, client_id: str) -> Any:
     try:
         client.connect(host, port, keepalive=mqtt.keepalive_s)
     except OSError as e:
-        raise DeviceUnavailable(f"cannot reach the MQTT broker {mqtt.broker}: {e}") from None
+        raise DeviceUnavailable(f"cannot reach the MQTT broker {redact(mqtt.broker)}: {e}") from None
     client.loop_start()
     if not connected.wait(CONNECT_TIMEOUT_S) or failure:
         client.loop_stop()
         why = failure[0] if failure else f"no answer within {CONNECT_TIMEOUT_S:.0f} s"
-        raise DeviceUnavailable(f"MQTT broker {mqtt.broker} refused the connection: {why}")
+        raise DeviceUnavailable(f"MQTT broker {redact(mqtt.broker)} refused the connection: {why}")
     return client
 
 
@@ -155,7 +155,7 @@ class RemoteDevice:
     def _require_online(self) -> None:
         st = self.wait_status()
         if st is None:
-            raise DeviceUnavailable(f"device {self.name} has never reported a status on {self.mqtt.broker} "
+            raise DeviceUnavailable(f"device {self.name} has never reported a status on {redact(self.mqtt.broker)} "
                                     f"(wrong id/site, or it never connected)")
         if st.get("state") != "online":
             raise DeviceUnavailable(f"device {self.name} is {st.get('state')} since {_fmt_ts(st.get('ts_ms'))}")
@@ -168,7 +168,7 @@ class RemoteDevice:
         request_id = uuid.uuid4().hex
         body = json.dumps({**(payload or {}), "request_id": request_id})
         for attempt in range(retries + 1):
-            info = self.client.publish(self.topics.cmd(cmd), body, qos=1)
+            self.client.publish(self.topics.cmd(cmd), body, qos=1)
             deadline = time.monotonic() + timeout
             with self._cond:
                 while request_id not in self._answers and time.monotonic() < deadline:
@@ -178,7 +178,6 @@ class RemoteDevice:
                 answer = self._answers.pop(request_id, None)
             if answer is not None:
                 return self._result(cmd, answer)
-            del info
         raise DeviceUnavailable(f"device {self.name} did not answer {cmd} within {timeout:.0f} s "
                                 f"({retries + 1} attempt{'s' if retries else ''})")
 
@@ -294,5 +293,5 @@ def cli_devices(args: Any, cfg: Any) -> dict:
         lines.append(f"{d['site'] + '/' + d['device']:<28} {d['state']:<8} {model:<32} {_fmt_ts(d['since_ts_ms']):<21} "
                      f"{_fmt_ts(d['last_telemetry_ts_ms']) if d['last_telemetry_ts_ms'] else '-'}")
     if not devices:
-        lines = [f"no devices under {cfg.mqtt.prefix}/ on {args.broker or cfg.mqtt.broker}"]
+        lines = [f"no devices under {cfg.mqtt.prefix}/ on {redact(args.broker or cfg.mqtt.broker)}"]
     return {"devices": devices, "summary": "\n".join(lines)}

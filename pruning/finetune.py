@@ -35,6 +35,7 @@ import torch.nn as nn
 import yaml
 
 from prune_pack.errors import UserInputError
+from prune_pack.pruning.graph import layer_widths  # conv widths: the fingerprint a YAML rebuild changes
 from prune_pack.pruning.sources import resolve_dataset, resolve_model, sha256_file
 
 # Ultralytics' default distillation weight ('dis'); ``distill_weight`` scales it.
@@ -83,11 +84,6 @@ def load_detection_checkpoint(model_pt: Union[str, Path]) -> tuple[nn.Module, di
 def _first_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return f"{type(e).__name__}: {text[0] if text else ''}".rstrip(": ")
-
-
-def layer_widths(model: nn.Module) -> dict[str, int]:
-    """Output width of every conv by module name: the fingerprint a rebuild from YAML would change."""
-    return {n: m.out_channels for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
 
 
 def _head_class_convs(model: nn.Module) -> set[str]:
@@ -223,19 +219,21 @@ def _metrics_from_validator(validator: Any, names: dict[int, str]) -> Optional[d
 
 
 @contextlib.contextmanager
-def _quiet_ultralytics(quiet: bool) -> Iterator[None]:
-    """Silence Ultralytics' INFO logging while ``quiet`` (progress output was not asked for)."""
+def _ultralytics_run(quiet: bool) -> Iterator[None]:
+    """Silence Ultralytics' INFO logging while ``quiet``, and restore global state it changes."""
     from ultralytics.utils import LOGGER
 
-    if not quiet:
-        yield
-        return
+    # Ultralytics' select_device() sets torch's global thread count to cpu_count - 1 (1 on a
+    # 2-core PC); that is its choice for its run, but must not leak into the caller's process.
+    threads = torch.get_num_threads()
     level = LOGGER.level
-    LOGGER.setLevel(logging.WARNING)
+    if quiet:
+        LOGGER.setLevel(logging.WARNING)
     try:
         yield
     finally:
         LOGGER.setLevel(level)
+        torch.set_num_threads(threads)
 
 
 def _dataset_names(data_yaml: Path) -> dict[int, str]:
@@ -281,6 +279,7 @@ def finetune(
     try:
         data = resolve_dataset(data_yaml, tmp_root / "data")  # validates train/val/names first: fail before work
         model, ckpt = load_detection_checkpoint(model_pt)
+        source_sha = sha256_file(resolve_model(model_pt))  # before `out` may overwrite it
         teacher_path = None
         if teacher is not None:
             teacher_path = resolve_model(teacher)
@@ -310,6 +309,9 @@ def finetune(
             "epochs_requested": epochs,
             "time_budget_min": time_budget_min,
             "lr0": lr0,
+        # One optimizer step per batch: with Ultralytics' nbs=64 accumulation a 128-image
+        # fine-tuning set gets 2 steps per epoch, far too few to recover a pruned model.
+        "nbs": batch,
             "batch": batch,
             "imgsz": imgsz,
             "data": str(Path(data_yaml).expanduser().resolve()),
@@ -319,14 +321,15 @@ def finetune(
             "teacher_sha256": sha256_file(teacher_path) if teacher_path else None,
             "distill_weight": distill_weight if teacher_path else None,
             "source": str(Path(model_pt).expanduser().resolve()),
-            "source_sha256": sha256_file(resolve_model(model_pt)),
+            "source_sha256": source_sha,
             "metrics_before": result["before"],
             "metrics_after": result["after"],
             "seconds": result["seconds"],
             "previous": ckpt.get("finetune"),
             "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         }
-        save_checkpoint(best, out, ckpt, record, result["train_args"])
+        train_args = {**result["train_args"], "data": record["data"]}  # not the temp copy, which is deleted
+        save_checkpoint(best, out, ckpt, record, train_args)
         after, before = result["after"] or {}, result["before"] or {}
         summary = (f"fine-tuned {result['epochs_run']} epoch(s) in {result['seconds']:.0f} s: mAP50-95 "
                    f"{before.get('map50_95', float('nan')):.4f} -> {after.get('map50_95', float('nan')):.4f}"
@@ -364,6 +367,9 @@ def _train(model: nn.Module, data: Path, epochs: int, imgsz: int, teacher: Optio
         "device": device,
         "optimizer": "SGD",  # 'auto' would ignore lr0 and pick AdamW with its own rate
         "lr0": lr0,
+        # One optimizer step per batch: with Ultralytics' nbs=64 accumulation a 128-image
+        # fine-tuning set gets 2 steps per epoch, far too few to recover a pruned model.
+        "nbs": batch,
         "warmup_epochs": min(1.0, max(epochs - 1, 0)),  # a trained model needs little warm-up
         "warmup_bias_lr": 0.0,  # Ultralytics' 0.1 bias warm-up start would wreck trained biases
         "amp": False,  # no AMP on CPU, and no check_amp() (which would want to download a model)
@@ -388,7 +394,7 @@ def _train(model: nn.Module, data: Path, epochs: int, imgsz: int, teacher: Optio
 
     before = validate(model, data, imgsz=imgsz, batch=batch, device=device, progress=progress) if measure_before else None
     t0 = time.monotonic()
-    with _quiet_ultralytics(not progress):
+    with _ultralytics_run(not progress):
         trainer = _trainer_class()(model, overrides)
         # As Ultralytics' Model.train() does: hand the trainer a ready module, so setup_model() keeps it.
         trainer.model = trainer.get_model()
@@ -542,7 +548,7 @@ def validate(
         if isinstance(model, str):
             args["model"] = model
         validator = DetectionValidator(args=args, save_dir=Path(tmp) / "val")
-        with _quiet_ultralytics(not progress):
+        with _ultralytics_run(not progress):
             validator(model=model)
         metrics = _metrics_from_validator(validator, names)
         if metrics is None:

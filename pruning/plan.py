@@ -153,6 +153,38 @@ def measure_output(model: nn.Module, images: torch.Tensor, batch: int) -> torch.
     return torch.cat([model(images[i : i + batch])[0] for i in range(0, len(images), batch)])
 
 
+class LayerCache:
+    """Ultralytics' layer loop with every layer's output cached, so a probe that only changes
+    layers >= L re-runs from L (the high-resolution backbone is run once, not once per probe)."""
+
+    def __init__(self, model: nn.Module, images: torch.Tensor) -> None:
+        self.layers = list(model.model)
+        self.images = images
+        model.eval()
+        self.cache = self._run(0, [])
+
+    @torch.no_grad()
+    def _run(self, start: int, prefix: list) -> list:
+        y = list(prefix)
+        x = self.images if start == 0 else y[start - 1]
+        for m in self.layers[start:]:
+            if m.f != -1:
+                x = y[m.f] if isinstance(m.f, int) else [x if j == -1 else y[j] for j in m.f]
+            x = m(x)
+            y.append(x)
+        return y
+
+    def output(self, start: int = 0) -> torch.Tensor:
+        y = self.cache if start >= len(self.layers) else self._run(start, self.cache[:start])
+        out = y[-1]
+        return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def layer_index(model: nn.Module) -> dict[nn.Module, int]:
+    """Top-level layer (``model.model[i]``) of every module."""
+    return {m: i for i, layer in enumerate(model.model) for m in layer.modules()}
+
+
 # ----------------------------------------------------------------------------- allocation
 
 
@@ -171,24 +203,33 @@ def uniform_plan(groups: list[ChannelGroup], ratio: float, round_to: int, max_ra
 def global_plan(groups: list[ChannelGroup], scores: dict[str, torch.Tensor], ratio: float, round_to: int,
                 max_ratio: float) -> dict[str, int]:
     """One threshold over per-group-normalised scores, then each group's count rounded."""
-    allv = torch.cat([scores[g.name] / scores[g.name].mean().clamp_min(1e-12) for g in groups])
-    n = int(round(ratio * len(allv)))
-    thr = torch.sort(allv).values[n - 1] if n > 0 else -math.inf
+    normed = [scores[g.name].double() / scores[g.name].double().mean().clamp_min(1e-12) for g in groups]
+    owner = torch.cat([torch.full((g.size,), i) for i, g in enumerate(groups)])
+    n = int(round(ratio * len(owner)))
+    chosen = owner[torch.argsort(torch.cat(normed), stable=True)[:n]]  # ties broken by network order
+    counts = torch.bincount(chosen, minlength=len(groups))
     plan = {}
-    for g in groups:
-        s = scores[g.name] / scores[g.name].mean().clamp_min(1e-12)
-        r = float((s <= thr).sum()) / g.size
+    for i, g in enumerate(groups):
+        r = float(counts[i]) / g.size
         plan[g.name] = rounded_keep(g.size, r, round_to, max_ratio) if r > 0 else g.size
     return plan
 
 
 def sensitivity_plan(model: nn.Module, groups: list[ChannelGroup], scores: dict[str, torch.Tensor], ctx: CalibContext,
                      ratio: float, round_to: int, max_ratio: float, imgsz: int, compensate: bool,
-                     probes: tuple[float, ...] = (0.25, 0.5, 0.75), progress: ProgressFn | None = None,
+                     probes: tuple[float, ...] = (0.5, 1.0), progress: ProgressFn | None = None,
                      ) -> tuple[dict[str, int], dict[str, dict]]:
-    """Greedy allocation by measured distortion per MAC saved; returns (plan, per-group sensitivity)."""
+    """Greedy allocation by measured distortion per MAC saved; returns (plan, per-group sensitivity).
+
+    Distortions are measured one group at a time and assumed additive, which is optimistic when
+    many groups are cut deep at once (measured: pure greedy at 20% piled 75% cuts on the head and
+    lost almost all mAP). So no group goes beyond twice the requested ratio plus 10 points.
+    """
     nc = model.model[-1].nc
-    ref = measure_output(model, ctx.images, ctx.batch)
+    max_ratio = min(max_ratio, 2.0 * ratio + 0.1)
+    cache = LayerCache(model, ctx.images)
+    ref = cache.output(len(model.model))
+    where = layer_index(model)
     hw = conv_macs(model, imgsz)
     mask = ChannelMask(ctx, compensate)
     curves: dict[str, tuple[list[int], list[float]]] = {}
@@ -198,13 +239,14 @@ def sensitivity_plan(model: nn.Module, groups: list[ChannelGroup], scores: dict[
             keeps = allowed_keeps(g.size, round_to, max_ratio)
             if len(keeps) == 1:
                 continue
-            # Probe a few widths; distortion in between is interpolated (it grows smoothly).
-            probe_keeps = sorted({min(keeps[1:], key=lambda k: abs(k - g.size * (1 - p))) for p in probes if p <= max_ratio + 1e-9},
+            # Probe a few widths (fractions of the cap); distortion in between is interpolated.
+            probe_keeps = sorted({min(keeps[1:], key=lambda k: abs(k - g.size * (1 - p))) for p in [q * max_ratio for q in probes]},
                                  reverse=True)
             pts_n, pts_d = [0], [0.0]
+            start = min(where[c] for c, _, _ in g.consumers)
             for k in probe_keeps:
                 mask.set([(g, lowest(scores[g.name], g.size - k))])
-                out = measure_output(model, ctx.images, ctx.batch)
+                out = cache.output(start)
                 pts_n.append(g.size - k)
                 pts_d.append(distortion(out, ref, nc))
             # Monotone envelope: removing more never counts as cheaper than removing less.

@@ -50,14 +50,14 @@ def prune_model(
     calib_images: int = 32,
     bias_compensation: bool = True,
     progress: bool = True,
-    sens_images: int = 8,
+    sens_images: int = 4,
     sens_imgsz: int | None = None,
 ) -> tuple[Any, dict]:
     """Prune ``ratio`` of the prunable output channels of a detection model.
 
     ``ratio`` is the requested share of prunable channels removed, before rounding; the achieved
     share is in ``info["achieved_ratio"]``. ``sens_images``/``sens_imgsz`` size the sensitivity probe
-    (default: 8 images at min(imgsz, 320)), which dominates the run time.
+    (default: 4 images at min(imgsz, 320)), which dominates the run time.
     Returns ``(ultralytics.YOLO, info)``; save with ``save_pruned(yolo, path, info)``.
     """
     if not isinstance(ratio, (int, float)) or not 0.0 <= ratio <= MAX_RATIO:

@@ -289,3 +289,13 @@ def test_openvino_cache_survives_a_restart(tiny, tmp_path):
     assert any(cache.iterdir()), "compiling with CACHE_DIR writes a blob"
     second = start()  # a new process = an agent restart
     assert second["loaded_from_cache"] is True
+
+
+@needs_ov
+def test_openvino_unusable_cache_dir_costs_only_the_cache(tiny, tmp_path, x):
+    blocker = tmp_path / "state"
+    blocker.write_text("a file where the state dir should be")
+    s = be.load_session(tiny, "openvino", "fp32", cache_dir=blocker / "cache")
+    info = s.info()
+    assert info["cache_dir"] is None and str(blocker) in info["cache_error"]
+    assert s.run(x)[0].shape[1] == 7

@@ -239,3 +239,32 @@ def test_verification_that_misses_twice_fails_without_oscillating():
     v = verify(res, lambda c, s: calls.append(c.ratio), lambda c: Measurement.of(45.0, (44.0, 46.0)))
     assert v.decision == FAIL and v.candidate is None and v.steps == 1
     assert calls == sorted(calls) and len(calls) == 2
+
+
+def test_repeat_pools_raw_latencies_into_a_narrower_interval():
+    import random
+
+    rnd = random.Random(0)
+    runs = [[39.0 + rnd.random() * 2.0 for _ in range(60)] for _ in range(2)]
+    from prune_pack.agent.profiler import latency_stats
+
+    ms = [Measurement({**latency_stats(r), "latencies_ms": r}) for r in runs]
+    lo1, hi1 = ms[0].bounds("p50")
+    from prune_pack.deploy.build import pool
+
+    lo, hi = pool(ms).bounds("p50")
+    assert hi - lo <= hi1 - lo1
+    assert pool(ms).stats["runs"] == 120
+
+
+def test_levers_are_ordered_by_accuracy_cost():
+    from prune_pack.deploy.build import plan_levers
+
+    auto = plan_levers("auto", "auto", 640, ["ort", "openvino"], bf16=True)
+    assert [(c.backend, c.precision) for c in auto] == [("ort", "fp32"), ("openvino", "fp32"), ("openvino", "bf16"), ("ort", "int8")]
+    assert [(c.backend, c.precision) for c in plan_levers("ort", "auto", 640, ["ort", "openvino"], bf16=True)] == [("ort", "fp32"), ("ort", "int8")]
+    assert plan_levers("ort", "int8", 320, ["ort"], bf16=False) == [Candidate(0.0, "ort", "int8", 320)]
+    from prune_pack.errors import UserInputError
+
+    with pytest.raises(UserInputError, match="OpenVINO"):
+        plan_levers("ort", "bf16", 640, ["ort", "openvino"], bf16=True)

@@ -5,7 +5,11 @@ Every message the device publishes is validated against its JSON Schema by the W
 from __future__ import annotations
 
 import base64
+import contextlib
+import functools
+import http.server
 import json
+import threading
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -33,6 +37,21 @@ def running(broker, tmp_path):
     d.stop()
     w.close()
     assert not w.invalid, w.invalid
+
+
+@contextlib.contextmanager
+def _http_server(root):
+    """A real HTTP server on 127.0.0.1 serving ``root`` (deploy by URL)."""
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
+    handler.log_message = lambda *a: None
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    t = threading.Thread(target=srv.serve_forever, daemon=True)
+    t.start()
+    try:
+        yield f"http://127.0.0.1:{srv.server_address[1]}"
+    finally:
+        srv.shutdown()
+        srv.server_close()
 
 
 def b64(p) -> str:
@@ -77,8 +96,10 @@ def test_commands_deploy_reject_rollback(running, tmp_path):
         assert w.call("profile", {"runs": 2})["ok"]  # still loaded and running
     assert d.daemon.session is not None
 
-    r = w.call("deploy", {"url": v2.as_uri()})
-    assert r["ok"] and r["result"]["previous"]["version"] == 1
+    with _http_server(tmp_path) as base:
+        r = w.call("deploy", {"url": f"{base}/{v2.name}"})
+        assert r["ok"] and r["result"]["previous"]["version"] == 1, r
+        assert w.call("deploy", {"url": f"{base}/missing.ppk"})["error"]["reason"] == "fetch_failed"
     assert active(w)["version"] == 2
     # older than the active one: refused unless forced
     r = w.call("deploy", {"path": str(v1)})
@@ -95,9 +116,29 @@ def test_commands_deploy_reject_rollback(running, tmp_path):
     r = w.call("activate", {"model": models[1]["sha256"][:12]})  # v1 and v2 carry the same ONNX: a sha256 prefix matches both
     assert not r["ok"] and r["error"]["reason"] == "ambiguous"
     assert w.call("activate", {"model": "ffffffffffff"})["error"]["reason"] == "not_found"
-    r = w.call("deploy", {"path": str(v1), "force": True})
+    r = w.call("deploy", {"url": v1.as_uri(), "force": True})
     assert r["ok"] and active(w)["version"] == 1
     assert status["state"] == "online"
+
+
+def test_validated_backends_and_multi_backend_profile(running, tmp_path):
+    d, w = running
+    # validated on the host for OpenVINO only; this agent serves with ONNX Runtime
+    ov_only = package(tmp_path, 1, validated=[{"backend": "openvino", "precision": "fp32"}])
+    r = w.call("deploy", {"path": str(ov_only)})
+    assert not r["ok"] and r["error"]["reason"] == "not_validated"
+    assert active(w) is None
+    assert w.call("deploy", {"path": str(ov_only), "force": True})["ok"]
+    # profile measures every requested backend/precision and says which were validated
+    r = w.call("profile", {"path": str(ov_only), "backend": "all", "runs": 2, "warmup": 0})
+    assert r["ok"], r
+    results = r["result"]["results"]
+    got = {(x["backend"], x["precision"]) for x in results}
+    assert ("ort", "fp32") in got and all(x["runs"] == 2 for x in results)
+    by = {(x["backend"], x["precision"]): x["validated"] for x in results}
+    assert by[("ort", "fp32")] is False
+    if ("openvino", "fp32") in by:
+        assert by[("openvino", "fp32")] is True
 
 
 def test_bad_requests_are_answered(running, tmp_path):
@@ -132,7 +173,7 @@ def test_bad_requests_are_answered(running, tmp_path):
     assert r["error"]["reason"] == "bad_request"
     r = w.call("deploy", {"path": str(tmp_path / "missing.ppk")})
     assert r["error"]["reason"] == "not_a_package"
-    r = w.call("deploy", {"package_b64": base64.b64encode(b"x" * 50_000).decode()})  # over max_inline_mb
+    r = w.call("deploy", {"package_b64": base64.b64encode(b"x" * 45_000).decode()})  # over max_inline_mb
     assert r["error"]["reason"] == "too_large"
     r = w.raw("ping", json.dumps({"request_id": "big", "pad": "x" * 70_000}))  # over max_payload_kb
     assert r["error"]["reason"] == "payload_too_large" and r["request_id"] is None
@@ -194,3 +235,39 @@ def test_sd_notify_ready_watchdog_stopping(broker, tmp_path, monkeypatch):
     got = sock.collect_until(lambda m: "STOPPING=1" in m)
     assert got.index("STOPPING=1") > got.index("WATCHDOG=1")
     sock.close()
+
+
+def _video(path, frames: int = 20) -> str:
+    import cv2
+    import numpy as np
+
+    vw = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 10, (64, 64))
+    rng = np.random.default_rng(0)
+    for _ in range(frames):
+        vw.write(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    vw.release()
+    return str(path)
+
+
+def test_streams_detections_telemetry_and_hot_swap(broker, tmp_path):
+    cfg = agent_config(tmp_path, broker)
+    cfg["streams"] = [{"name": "cam1", "source": _video(tmp_path / "cam1.avi"), "publish_detections": True,
+                       "detections_rate_hz": 20.0, "fps_limit": 20.0}]
+    cfg["inference"]["conf"] = 0.01
+    w = Watcher(broker)
+    d = InProcessDaemon(cfg)
+    try:
+        w.status("online")
+        assert w.call("deploy", {"path": str(package(tmp_path, 1))})["ok"]  # starts the streams
+        det = w.wait_for(lambda t, b: t == f"{BASE}/detections/cam1")[1]
+        assert det["stream"] == "cam1" and isinstance(det["detections"], list)
+        tel = w.wait_for(lambda t, b: t.endswith("/telemetry") and "cam1" in b.get("streams", {}))[1]
+        assert tel["streams"]["cam1"]["frames_read"] >= 1
+        assert w.call("deploy", {"path": str(package(tmp_path, 2))})["ok"]  # hot swap, streams keep running
+        mark = w.mark()
+        w.wait_for(lambda t, b: t == f"{BASE}/detections/cam1", start=mark)
+        assert d.daemon.streams.model_path == d.daemon.store.active.model_path
+    finally:
+        d.stop()
+        w.close()
+    assert not w.invalid, w.invalid

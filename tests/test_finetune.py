@@ -229,3 +229,17 @@ def test_cli_finetune_and_val_json(tmp_path, pruned_pt, tiny_data):
     m = json.loads(p.stdout.strip().splitlines()[-1])
     assert m["map50_95"] == pytest.approx(F.validate(out, tiny_data, imgsz=IMGSZ)["map50_95"], abs=1e-4)
     assert isinstance(m["per_class"], dict)
+
+
+def test_iterative_prune_and_recover(tmp_path, coco_pt, tiny_data):
+    out = tmp_path / "iter.pt"
+    res = F.iterative_prune_finetune(coco_pt, tiny_data, ratio=0.3, steps=2, epochs_per_step=1, criterion="l1",
+                                     imgsz=IMGSZ, out=out, progress=False, batch=8, measure_before=False,
+                                     prune_kwargs={"allocation": "uniform"})
+    assert [r["step"] for r in res["steps"]] == [1, 2]
+    assert res["steps"][1]["params"] < res["steps"][0]["params"]  # the second round pruned further
+    raw = torch.load(out, map_location="cpu", weights_only=False)
+    assert {p.dtype for p in raw["model"].parameters()} == {torch.float32}
+    assert raw["prune_pack"]["provenance"]["base_provenance"]  # the chain back to the first round
+    assert raw["finetune"]["epochs"] == 1
+    assert sum(F.layer_widths(raw["model"]).values()) < sum(F.layer_widths(F.load_detection_checkpoint(coco_pt)[0]).values())

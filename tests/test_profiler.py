@@ -259,6 +259,11 @@ def test_cli_json(tiny, capsys):
     assert r["runs"] == 5 and r["threads"] == 1 and "latencies_ms" not in r
     code, out, _ = _cli(capsys, "profile", str(tiny), "--runs", "4", "--warmup", "0", "--json", "--latencies")
     assert len(json.loads(out.strip().splitlines()[-1])["latencies_ms"]) == 4
+    code, out, _ = _cli(capsys, "profile", str(tiny), "--runs", "3", "--warmup", "0", "--backend", "all", "--json")
+    r = json.loads(out.strip().splitlines()[-1])
+    assert code == 0 and r["results"] and r["p50_ms"] == min(x["p50_ms"] for x in r["results"])
+    for x in r["results"]:
+        assert {"backend", "precision", "p50_ms", "p99_ms", "model_sha256"} <= set(x) and "latencies_ms" not in x
 
 
 def test_cli_flags_override_config(tiny, tmp_path, capsys):
@@ -270,6 +275,28 @@ def test_cli_flags_override_config(tiny, tmp_path, capsys):
     assert (r["runs"], r["warmup"], r["threads"]) == (7, 0, 1)
     code, out, _ = _cli(capsys, "profile", str(tiny), "--config", str(cfg), "--runs", "3", "--json")
     assert json.loads(out.strip().splitlines()[-1])["runs"] == 3
+
+
+def test_profile_kwargs_from_config(tmp_path):
+    """The CLI and the daemon build profile_model's arguments the same way from one config."""
+    from prune_pack.config import parse_config
+
+    state = tmp_path / "state"
+    state.mkdir()
+    cfg = parse_config(f"agent:\n  state_dir: {state}\n  trusted_keys: [k.pub]\nprofile:\n  seconds: 5\n  backend: all\n  threads: 1\n")
+    kw = pf.profile_kwargs(cfg)
+    assert (kw["seconds"], kw["backend"], kw["threads"], kw["trusted_keys"]) == (5.0, "all", 1, ["k.pub"])
+    assert kw["cache_dir"] == state / "cache" / "openvino"  # an existing state dir holds OpenVINO's blobs
+    kw = pf.profile_kwargs(cfg, runs=9, threads=None)
+    assert (kw["runs"], kw["seconds"], kw["threads"]) == (9, None, 1)  # an explicit run count wins over seconds
+    assert pf.profile_kwargs(parse_config(f"agent:\n  state_dir: {tmp_path / 'absent'}\n"))["cache_dir"] is None
+
+
+def test_precision_all(tiny, monkeypatch):
+    monkeypatch.setenv(be.CPU_FLAGS_ENV, "avx512_bf16")
+    r = pf.profile_model(tiny, threads=1, warmup=0, runs=2, backend="openvino" if HAVE_OV else "ort", precision="all")
+    got = {x["precision"] for x in r["results"]}
+    assert got == ({"fp32", "bf16"} if HAVE_OV else {"fp32"})
 
 
 def test_cli_table(tiny, capsys):

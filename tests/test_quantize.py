@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -41,9 +42,9 @@ def test_head_tail_stays_float_and_int8_model_runs(tiny_pt, tmp_path):
     ops = [by_name[t].op_type for t in tail]
     # the Detect tail: DFL softmax + its fixed conv, class sigmoid, box decoding, final concat
     assert {"Softmax", "Sigmoid", "Concat", "Sub", "Add"} <= set(ops)
-    assert ops.count("Conv") == 1 and by_name[[t for t in tail if by_name[t].op_type == "Conv"][0]].input[1].endswith("dfl.conv.weight")
+    assert "Conv" not in ops and ops.count("MatMul") == 1  # learned convs are quantized; the DFL dot product is not
     assert any(o == g.output[0].name for t in tail for o in by_name[t].output)
-    n_learned_convs = sum(n.op_type == "Conv" for n in g.node) - 1
+    n_learned_convs = sum(n.op_type == "Conv" for n in g.node)
 
     info: dict = {}
     q = quantize_int8(fp32, tmp_path / "tiny_int8.onnx", default_parity_images(), 160, info=info)
@@ -55,7 +56,10 @@ def test_head_tail_stays_float_and_int8_model_runs(tiny_pt, tmp_path):
         if n.op_type in ("Softmax", "Sigmoid") and n.name in tail:
             assert produced_by[n.input[0]].op_type != "DequantizeLinear", f"{n.name} was quantized"
     assert produced_by[qg.output[0].name].op_type == "Concat"  # the output is computed in float
-    assert info["excluded_nodes"] == len(tail) and info["activations"] == "u8" and info["per_channel"]
+    assert info["excluded_nodes"] == len(tail) + 2 and info["activations"] == "u8" and info["per_channel"]  # + float stem conv/SiLU
+    stem = next(n for n in qg.node if n.op_type == "Conv")  # the image-reading conv stays float ...
+    assert stem.input[0] == qg.input[0].name and "QuantizeLinear" not in {n.op_type for n in qg.node if qg.input[0].name in n.input}
+    assert "QuickGelu" in qops and "Mul" not in {n.op_type for n in qg.node if n.name not in tail}  # SiLU fused
     y32, y8 = _run(fp32, 160), _run(q, 160)
     assert y8.shape == y32.shape and np.isfinite(y8).all()
 
@@ -81,12 +85,15 @@ def test_int8_export_of_coco_model_gate_both_directions(coco_pt, small_coco, tmp
     # lenient bound: the package is written, INT8, validated at both precisions
     r = export_package(coco_pt, tmp_path / "q.ppk", max_map_drop=0.5, **kw)
     assert r["precision"] == "int8"
-    v = {e["precision"]: e["map50_95"] for e in r["validated"]}
+    v = {e["precision"]: e["map50_95"] for e in r["validated"] if e["backend"] == "ort"}
     assert set(v) == {"fp32", "int8"} and v["fp32"] > 0.2
     assert v["int8"] > 0.5 * v["fp32"], f"INT8 recipe broken: {v}"  # naive static INT8 collapses towards 0
     vp = verify_package(tmp_path / "q.ppk", allow_unsigned=True, staging_root=tmp_path / "stage")
     assert vp.manifest["precision"] == "int8" and vp.manifest["quantization"]["excluded_nodes"] > 0
     assert _run(vp.model_path, 320).shape[:2] == (1, 84)
+    ov = [e for e in r["validated"] if e["backend"] == "openvino"]
+    if importlib.util.find_spec("openvino") is not None:  # the same INT8 file, run by OpenVINO, passed the same gate
+        assert ov and ov[0]["precision"] == "int8" and v["fp32"] - ov[0]["map50_95"] <= 0.5
 
     # a bound just below the measured drop refuses the same model, with the numbers, and writes nothing
     drop = v["fp32"] - v["int8"]

@@ -155,20 +155,21 @@ def test_detections_callback_is_rate_limited(videos):
                              detections_rate_hz=4.0),
                StreamSection(name="quiet", source=str(videos["v40"]), fps_limit=100)]
     m = manager(streams, on_detections=on_det)
+    t0 = time.monotonic()
     m.start()
     try:
-        wait_for(lambda: m.metrics()["streams"]["pub"]["detections_suppressed"] >= 10)
+        wait_for(lambda: m.metrics()["streams"]["pub"]["detections_published"] >= 3)
     finally:
         final = m.stop()
+    elapsed = time.monotonic() - t0
     st = final["streams"]["pub"]
-    assert st["detections_published"] == len(got) >= 1
+    assert st["detections_published"] == len(got) >= 3 and st["detections_suppressed"] > 0
     assert st["detections_published"] + st["detections_suppressed"] == st["frames_processed"]
     assert {s for s, _ in got} == {"pub"}  # publish_detections is per stream
-    ts = [p["ts"] for _, p in got]
     p = got[0][1]
     assert isinstance(p["detections"], list) and {"frame", "ts", "model", "latency_ms", "age_ms"} <= set(p)
-    # Rate limit, counted not timed: at most rate x run time (+1 for the first message).
-    assert len(got) <= 4.0 * (max(ts) - min(ts) + 0.5) + 1
+    # The limiter keeps >= 1/rate s between messages, so over the whole run (an upper bound, not a timing):
+    assert len(got) <= 4.0 * elapsed + 1
 
 
 def test_stale_frames_are_dropped_by_reason(videos):
@@ -251,10 +252,13 @@ def test_frames_without_a_model_are_dropped_as_no_model(videos):
 
 
 def test_plan_parallelism_uses_cores_without_oversubscribing():
-    assert plan_parallelism(InferenceSection(), 1, cores=2) == (1, 2)
+    assert plan_parallelism(InferenceSection(), 1, cores=2) == (2, 1)  # measured: see bench/results/streams.md
     assert plan_parallelism(InferenceSection(), 2, cores=2) == (2, 1)
     assert plan_parallelism(InferenceSection(), 4, cores=2) == (2, 1)
+    assert plan_parallelism(InferenceSection(), 1, cores=1) == (1, 1)
+    assert plan_parallelism(InferenceSection(), 1, cores=8) == (2, 4)
     assert plan_parallelism(InferenceSection(), 4, cores=8) == (4, 2)
+    assert plan_parallelism(InferenceSection(), 16, cores=8) == (8, 1)
     assert plan_parallelism(InferenceSection(workers=3), 4, cores=8) == (3, 2)
     assert plan_parallelism(InferenceSection(threads=4), 4, cores=8) == (2, 4)
     assert plan_parallelism(InferenceSection(workers=1, threads=3), 4, cores=2) == (1, 3)  # explicit wins
@@ -275,3 +279,27 @@ def test_duplicate_stream_names_are_rejected():
     with pytest.raises(UserInputError):
         StreamManager([StreamSection(name="a", source="x"), StreamSection(name="a", source="y")], inf,
                       session_factory_for(inf, 2))
+
+
+def test_unwritable_sink_is_a_one_line_error(videos, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    s = StreamSection(name="a", source=str(videos["v12"]), sink=str(blocker / "sub" / "a.jsonl"))
+    m = manager([s])
+    with pytest.raises(UserInputError, match="cannot open sink"):
+        m.start()
+
+
+def test_streams_run_on_openvino(videos):
+    from prune_pack.agent.backends import available_backends
+
+    if "openvino" not in available_backends():
+        pytest.skip("openvino is not installed")
+    s = StreamSection(name="ov", source=str(videos["v12"]), loop=False, fps_limit=0, policy="block")
+    inf = InferenceSection(backend="openvino", conf=0.01, workers=2, threads=1)
+    m = StreamManager([s], inf, session_factory_for(inf, 1), model_path=TINY)
+    m.start()
+    wait_for(lambda: m.metrics()["streams"]["ov"]["state"] == "ended" and m.metrics()["streams"]["ov"]["in_flight"] == 0)
+    final = m.stop()
+    assert final["streams"]["ov"]["frames_processed"] == 12 and final["streams"]["ov"]["errors"] == 0
+    assert final["backend"] == "openvino"

@@ -1,0 +1,257 @@
+"""pruning/: coupled-structure equivalence, shapes, checkpoint round trip, bias compensation, errors."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("ultralytics")
+pytest.importorskip("torch_pruning")
+
+from conftest import bus_jpg, shared_path  # noqa: E402
+
+from prune_pack.errors import UserInputError  # noqa: E402
+from prune_pack.pruning import graph as G  # noqa: E402
+from prune_pack.pruning import importance as I  # noqa: E402
+from prune_pack.pruning import plan as P  # noqa: E402
+from prune_pack.pruning.checkpoint import load_checkpoint, save_pruned  # noqa: E402
+from prune_pack.pruning.prune import prune_model  # noqa: E402
+
+IMGSZ = 128
+
+
+def _model(pt: Path) -> torch.nn.Module:
+    from ultralytics import YOLO
+
+    return copy.deepcopy(YOLO(str(pt)).model).float().eval()
+
+
+def _randomize_bn(model: torch.nn.Module, seed: int = 0) -> None:
+    """Random-init BN is the identity; give it real statistics so that a wrong coupling shows."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            n = m.num_features
+            m.weight.data = torch.rand(n, generator=g) + 0.5
+            m.bias.data = torch.randn(n, generator=g) * 0.5
+            m.running_mean = torch.randn(n, generator=g) * 0.1
+            m.running_var = torch.rand(n, generator=g) + 0.5
+
+
+@pytest.fixture(scope="module")
+def bus_tensor() -> torch.Tensor:
+    return I.load_images([bus_jpg()], IMGSZ)
+
+
+def test_c2f_split_is_exact(tiny_pt, bus_tensor):
+    model = _model(tiny_pt)
+    with torch.no_grad():
+        ref = model(bus_tensor)[0]
+        G.make_prunable(model)
+        out = model(bus_tensor)[0]
+    assert any(isinstance(m, G.C2fPrunable) for m in model.modules())
+    assert not any(type(m).__name__ == "C2f" for m in model.modules())
+    assert torch.equal(out, ref)
+
+
+def test_forced_zero_channels_prune_to_identical_outputs(tiny_pt, bus_tensor):
+    """Remove, in every group at once, a channel whose output is forced to zero: outputs must not move."""
+    import torch_pruning as tp
+
+    model = G.make_prunable(_model(tiny_pt))
+    _randomize_bn(model)
+    dg, groups = G.build_groups(model)
+
+    # Every coupled structure of YOLOv8 is represented, with its coupling resolved.
+    names = {g.name: g for g in groups}
+    assert len(names["model.2.cv1"].producers) == 2  # C2f second half + bottleneck residual add
+    assert len(names["model.4.cv1"].producers) == 3  # two chained residual bottlenecks
+    sppf = [c for c in names["model.9.cv1"].consumers if c[0] is model.model[9].cv2.conv]
+    assert len(sppf[0][1]) == 4 * names["model.9.cv1"].size  # SPPF concat of pooled copies
+    concat_fed = [c for c in names["model.6.cv2"].consumers if c[0] is model.model[12].cv0.conv]
+    assert concat_fed and min(concat_fed[0][1]) >= model.model[12].cv0.conv.in_channels - names["model.6.cv2"].size  # offset in the PAN concat
+    head = model.model[-1]
+    detect_inputs = {head.cv2[0][0].conv, head.cv3[0][0].conv}
+    assert detect_inputs <= {c[0] for c in names["model.15.cv2"].consumers}  # Detect input coupling
+    protected = {id(m) for m in G.protected_layers(model)}
+    assert not any(id(p[0]) in protected for g in groups for p in g.producers)
+
+    with torch.no_grad():
+        before = model(bus_tensor)[0]
+        chosen = {}
+        for g in groups:
+            k = g.size // 2
+            chosen[g.name] = k
+            for conv, bn, _, idxs, roots in g.producers:
+                j = idxs[roots.index(k)]
+                conv.weight[j] = 0
+                if conv.bias is not None:
+                    conv.bias[j] = 0
+                if bn is not None:
+                    bn.weight[j] = 0
+                    bn.bias[j] = 0
+        zeroed = model(bus_tensor)[0]
+    assert not torch.allclose(zeroed, before, atol=1e-3)  # the zeroing is not a no-op: the test can fail
+
+    final = [m.out_channels for m in G.protected_layers(model) if isinstance(m, torch.nn.Conv2d)]
+    for g in groups:
+        dg.get_pruning_group(g.root, tp.prune_conv_out_channels, [chosen[g.name]]).prune()
+    with torch.no_grad():
+        pruned = model(bus_tensor)[0]
+    assert pruned.shape == zeroed.shape
+    torch.testing.assert_close(pruned, zeroed, rtol=1e-4, atol=1e-3)
+    assert [m.out_channels for m in G.protected_layers(model) if isinstance(m, torch.nn.Conv2d)] == final
+    assert all(g.root.out_channels == g.size - 1 for g in groups)
+
+
+def test_rounding_never_overprunes_small_layers():
+    assert P.rounded_keep(16, 0.05, 8, 0.75) == 16  # 5% of the stem must not become 50%
+    assert P.rounded_keep(256, 0.2, 8, 0.75) == 208
+    assert P.rounded_keep(16, 0.5, 8, 0.75) == 8
+    assert P.rounded_keep(64, 0.9, 8, 0.75) == 16  # per-layer maximum ratio
+    assert all(k % 8 == 0 for k in P.allowed_keeps(256, 8, 0.75))
+    assert P.rounded_keep(30, 0.2, 8, 0.75) in (24, 30)
+
+
+@pytest.mark.parametrize("allocation,criterion", [("uniform", "l1"), ("global", "bn_scale"), ("sensitivity", "act_var")])
+def test_prune_model_shapes_and_info(tiny_pt, bus_tensor, allocation, criterion):
+    yolo, info = prune_model(tiny_pt, 0.3, criterion=criterion, imgsz=IMGSZ, allocation=allocation, progress=False,
+                             sens_images=2, sens_imgsz=64)
+    ref_model = _model(tiny_pt)
+    with torch.no_grad():
+        out = yolo.model.eval()(bus_tensor)[0]
+        ref = ref_model(bus_tensor)[0]
+    assert out.shape == ref.shape == (1, 4 + 3, (IMGSZ // 8) ** 2 + (IMGSZ // 16) ** 2 + (IMGSZ // 32) ** 2)
+    assert info["params_after"] < info["params_before"] and info["gflops_after"] < info["gflops_before"]
+    assert 0.15 < info["achieved_ratio"] < 0.45 and info["requested_ratio"] == 0.3
+    assert info["criterion"] == criterion and len(info["base_sha256"]) == 64
+    widths = info["widths"]
+    assert sum(o - n for o, n in widths.values()) == info["channels_before"] - info["channels_after"]
+    for name, (orig, new) in widths.items():
+        assert new >= orig * 0.25  # max_layer_ratio 0.75
+        assert new == orig or new % 8 == 0
+    head = yolo.model.model[-1]
+    assert [s[-1].out_channels for s in head.cv2] == [64] * 3 and [s[-1].out_channels for s in head.cv3] == [3] * 3
+    assert "bus.jpg" in info["calibration"]
+
+
+def test_fresh_process_reload_predict_export(tiny_pt, tmp_path):
+    yolo, info = prune_model(tiny_pt, 0.25, criterion="l1", imgsz=IMGSZ, allocation="uniform", progress=False)
+    out = save_pruned(yolo, tmp_path / "pruned.pt", info)
+    code = f"""
+import json, sys, numpy as np, onnxruntime as ort, torch
+from ultralytics import YOLO
+m = YOLO({str(out)!r})
+assert m.task == "detect"
+r = m.predict({str(bus_jpg())!r}, imgsz={IMGSZ}, verbose=False, conf=0.0, max_det=5)
+onnx = m.export(format="onnx", imgsz={IMGSZ}, simplify=False, verbose=False)
+ck = torch.load({str(out)!r}, weights_only=False)
+x = np.random.default_rng(0).random((1, 3, {IMGSZ}, {IMGSZ}), dtype=np.float32)
+y = ort.InferenceSession(onnx, providers=["CPUExecutionProvider"]).run(None, {{"images": x}})[0]
+t = ck["model"].float().eval()(torch.from_numpy(x))[0].detach().numpy()
+print(json.dumps({{"boxes": len(r[0].boxes), "shape": list(y.shape), "maxdiff": float(np.abs(y - t).max()),
+                  "scale": float(np.abs(t).max()), "widths": ck["prune_pack"]["widths"],
+                  "cls": type(ck["model"].model[2]).__module__ + "." + type(ck["model"].model[2]).__name__}}))
+"""
+    env = dict(os.environ, YOLO_OFFLINE="1")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=240, cwd=tmp_path, env=env)
+    assert res.returncode == 0, res.stderr[-2000:]
+    got = json.loads(res.stdout.strip().splitlines()[-1])
+    assert got["boxes"] == 5
+    assert got["shape"] == [1, 7, (IMGSZ // 8) ** 2 + (IMGSZ // 16) ** 2 + (IMGSZ // 32) ** 2]
+    assert got["maxdiff"] <= 1e-3 * max(1.0, got["scale"])
+    assert got["widths"] == info["widths"]
+    assert got["cls"] == "prune_pack.pruning.graph.C2fPrunable"
+    loaded, prov = load_checkpoint(out)
+    assert prov["base_sha256"] == info["base_sha256"] and prov["criterion"] == "l1"
+
+
+def test_bias_compensation_reduces_output_error(coco_pt):
+    """Same channels removed with and without compensation: compensation must cut the output error
+    on real images that were not used for calibration."""
+    calib = I.bundled_images()
+    evals = sorted(shared_path("data", "coco128", "images", "val2017").glob("*.jpg"))[:4]
+    x = I.load_images(evals, 160)
+    ref_model = _model(coco_pt)
+    with torch.no_grad():
+        ref = ref_model(x)[0]
+    errs = {}
+    for comp in (True, False):
+        yolo, _ = prune_model(coco_pt, 0.1, criterion="act_var", imgsz=160, allocation="uniform",
+                              bias_compensation=comp, progress=False)
+        assert calib  # calibration ran on the bundled images, evaluation on coco128 val
+        with torch.no_grad():
+            out = yolo.model.eval()(x)[0]
+        errs[comp] = P.distortion(out, ref, 80)
+    assert errs[True] < 0.7 * errs[False], errs
+
+
+def test_taylor_and_every_criterion_score_each_channel(coco_pt):
+    model = G.make_prunable(_model(coco_pt))
+    dg, groups = G.build_groups(model)
+    ctx = I.CalibContext(model=model, images=I.load_images([bus_jpg()], 160))
+    ctx.in_stats = I.collect_input_stats(model, groups, ctx.images)
+    ctx.grads = I.taylor_scores(model, groups, ctx.images)
+    assert all(p.grad is None for p in model.parameters())
+    for name in ("l1", "l2", "bn_scale", "taylor", "act_var"):
+        scores = I.group_scores(groups, name, ctx)
+        for g in groups:
+            s = scores[g.name]
+            assert s.shape == (g.size,) and torch.isfinite(s).all()
+        assert sum(float(s.sum()) for s in scores.values()) > 0, name
+    # L1 ranks by weight magnitude: the lowest-L1 filter of model.3 is the one chosen first.
+    g = next(g for g in groups if g.name == "model.3")
+    w = g.producers[0][0].weight.abs().sum((1, 2, 3))
+    assert int(P.lowest(I.group_scores([g], "l1", ctx)[g.name], 1)[0]) == int(w.argmin())
+
+
+def test_bad_inputs_fail_with_one_clear_error(tiny_pt, tmp_path, work_dir):
+    with pytest.raises(UserInputError, match="ratio"):
+        prune_model(tiny_pt, 1.5, progress=False)
+    with pytest.raises(UserInputError, match="ratio"):
+        prune_model(tiny_pt, -0.1, progress=False)
+    with pytest.raises(UserInputError, match="criterion"):
+        prune_model(tiny_pt, 0.1, criterion="magic", progress=False)
+    bad = tmp_path / "corrupt.pt"
+    bad.write_bytes(b"PK\x03\x04 this is not a checkpoint")
+    with pytest.raises(UserInputError, match="corrupt.pt"):
+        load_checkpoint(bad)
+    from ultralytics import YOLO
+
+    cls = YOLO("yolov8n-cls.yaml")
+    cls_pt = tmp_path / "cls.pt"
+    cls.save(cls_pt)
+    with pytest.raises(UserInputError, match="detection"):
+        prune_model(cls_pt, 0.1, progress=False)
+    seg = YOLO("yolov8n-seg.yaml")
+    seg_pt = tmp_path / "seg.pt"
+    seg.save(seg_pt)
+    with pytest.raises(UserInputError, match="detection"):
+        load_checkpoint(seg_pt)
+    ds = tmp_path / "ds"
+    (ds / "images" / "train").mkdir(parents=True)
+    (ds / "data.yaml").write_text("path: .\ntrain: images/train\nnames: {0: a}\n")
+    with pytest.raises(UserInputError, match="val"):
+        prune_model(tiny_pt, 0.1, data_yaml=ds / "data.yaml", progress=False)
+
+
+def test_cli_prune(tiny_pt, tmp_path):
+    exe = Path(sys.executable).parent / "prune-pack"
+    if not exe.exists():
+        pytest.skip("prune-pack console script not installed in this environment")
+    out = tmp_path / "cli.pt"
+    res = subprocess.run([str(exe), "prune", "--model", str(tiny_pt), "--ratio", "0.2", "--criterion", "l2", "--allocation", "uniform",
+                          "--imgsz", "64", "--out", str(out), "--json"], capture_output=True, text=True, timeout=180)
+    assert res.returncode == 0, res.stderr[-2000:]
+    got = json.loads(res.stdout.strip().splitlines()[-1])
+    assert got["requested_ratio"] == 0.2 and 0 < got["achieved_ratio"] < 0.4 and got["widths"] and out.is_file()
+    res = subprocess.run([str(exe), "prune", "--model", str(tiny_pt), "--ratio", "1.5", "--out", str(out)],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1 and "ratio" in res.stderr
