@@ -194,6 +194,7 @@ class Daemon:
         self.started = time.time()
         self.ready = threading.Event()
         self.unanswered = 0  # commands dropped because the fast queue was full
+        self._proc: Any = None
 
     @classmethod
     def from_config(cls, cfg: Any) -> "Daemon":
@@ -302,9 +303,10 @@ class Daemon:
         factory = session_factory_for(self.inference, len(self.stream_cfgs), self.cache_dir)
         self.streams = _call_filtered(StreamManager, streams=self.stream_cfgs, inference=self.inference,
                                       session_factory=factory, names=_names(m.manifest),
-                                      on_detections=self._on_detections)
-        self.streams.start()
-        self.streams.swap(m.model_path, _names(m.manifest))
+                                      on_detections=self._on_detections, model_path=m.model_path)
+        self.streams.start()  # loads the model before the first frame is read
+        if self.streams.model_path is None:  # a StreamManager without model_path support
+            self.streams.swap(m.model_path, _names(m.manifest))
 
     def _on_detections(self, stream: str, body: dict) -> None:
         link = self.link
@@ -347,7 +349,10 @@ class Daemon:
     def telemetry(self) -> dict:
         import psutil
 
-        proc = psutil.Process()
+        if self._proc is None:  # one Process object: cpu_percent() measures since its previous call
+            self._proc = psutil.Process()
+            self._proc.cpu_percent(None)
+        proc = self._proc
         with proc.oneshot():
             cpu = proc.cpu_percent(None)
             rss = proc.memory_info().rss

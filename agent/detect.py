@@ -72,14 +72,19 @@ def preprocess(img_bgr: np.ndarray, input_shape: Sequence[int], dtype: str = "fl
     return x, meta
 
 
-def _nms(boxes: np.ndarray, scores: np.ndarray, iou_thres: float) -> np.ndarray:
-    """Greedy NMS with torchvision's semantics: descending score, drop boxes with IoU > threshold."""
+def _nms(boxes: np.ndarray, scores: np.ndarray, iou_thres: float, max_keep: int) -> np.ndarray:
+    """Greedy NMS with torchvision's semantics: descending score, drop boxes with IoU > threshold.
+
+    Stops after ``max_keep`` boxes: greedy NMS never revisits a kept box, so the first ``max_det``
+    kept are exactly what ``nms(...)[:max_det]`` returns, and a flood of candidates from a broken
+    model costs at most max_det vectorised passes instead of one per candidate.
+    """
     order = np.argsort(-scores, kind="stable")
     x1, y1, x2, y2 = boxes[:, 0], boxes[:, 1], boxes[:, 2], boxes[:, 3]
     areas = (x2 - x1) * (y2 - y1)
     keep = []
     thr = np.float32(iou_thres)
-    while order.size:
+    while order.size and len(keep) < max_keep:
         i = order[0]
         keep.append(i)
         rest = order[1:]
@@ -88,7 +93,8 @@ def _nms(boxes: np.ndarray, scores: np.ndarray, iou_thres: float) -> np.ndarray:
         xx2 = np.minimum(x2[i], x2[rest])
         yy2 = np.minimum(y2[i], y2[rest])
         inter = np.maximum(xx2 - xx1, np.float32(0)) * np.maximum(yy2 - yy1, np.float32(0))
-        iou = inter / (areas[i] + areas[rest] - inter)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            iou = inter / (areas[i] + areas[rest] - inter)
         order = rest[~(iou > thr)]  # NaN IoU (degenerate boxes) keeps the box, as torchvision does
     return np.asarray(keep, dtype=np.int64)
 
@@ -121,7 +127,7 @@ def non_max_suppression(pred: np.ndarray, conf: float = 0.25, iou: float = 0.7, 
     if len(det) > MAX_NMS:
         det = det[np.argsort(-det[:, 4], kind="stable")[:MAX_NMS]]
     offset = det[:, 5:6] * np.float32(0 if agnostic else MAX_WH)
-    i = _nms(det[:, :4] + offset, det[:, 4], iou)[:max_det]  # float32 like the reference: same ties, same drops
+    i = _nms(det[:, :4] + offset, det[:, 4], iou, max_det)  # float32 like the reference: same ties, same drops
     return det[i]
 
 
@@ -240,7 +246,20 @@ class Detector:
         self.max_det = max_det
         self.agnostic = agnostic
         self.input_shape = tuple(session.input_shape)
+        if len(self.input_shape) < 2 or min(self.input_shape[-2:]) <= 1:
+            # Dynamic H/W (a ``dynamic=True`` export) reads as 1: use the export's imgsz, like Ultralytics.
+            self.input_shape = (1, 3, *self._meta_imgsz(session))
         self.input_dtype = getattr(session, "input_dtype", "float32")
+
+    @staticmethod
+    def _meta_imgsz(session: Any) -> tuple[int, int]:
+        path = getattr(session, "path", None)
+        try:
+            sz = ast.literal_eval(onnx_metadata(path).get("imgsz", "640")) if path else 640
+        except (ValueError, SyntaxError):
+            sz = 640
+        h, w = (sz, sz) if isinstance(sz, int) else (int(sz[0]), int(sz[-1]))
+        return h, w
 
     def detect_array(self, img_bgr: np.ndarray, conf: Optional[float] = None) -> tuple[np.ndarray, DetectTiming]:
         """(K, 6) [x1, y1, x2, y2, conf, cls] and the time spent in each stage."""

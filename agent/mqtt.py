@@ -398,6 +398,14 @@ class MqttLink:
                                 qos=1, retain=True)
 
     def _send_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._send_some()
+            except Exception as e:  # noqa: BLE001 - the sender must outlive any surprise (the rows stay on disk)
+                log.error("outbox sender: %s: %s", type(e).__name__, e)
+                time.sleep(0.5)
+
+    def _send_some(self) -> None:
         import paho.mqtt.client as paho
 
         last_forget = 0.0
@@ -425,9 +433,10 @@ class MqttLink:
                 continue
             try:
                 info.wait_for_publish(max(2.0, float(self.mqtt.keepalive_s)))
-            except (RuntimeError, ValueError):
-                pass
-            if info.is_published():
+                published = info.is_published()
+            except (RuntimeError, ValueError):  # paho raises when the connection was lost meanwhile
+                published = False
+            if published:
                 if qos == 0:
                     self.outbox.mark_sent(row_id)
                 else:

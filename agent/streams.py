@@ -144,6 +144,13 @@ def _percentiles(samples: deque, qs: tuple[int, ...]) -> dict[str, Optional[floa
     return {f"p{q}": round(float(v), 2) for q, v in zip(qs, vals)}
 
 
+def _mark(times: deque, now: float) -> None:
+    """Record an event for a rate; old entries go at once, so memory stays bounded without readers."""
+    times.append(now)
+    while times[0] < now - RATE_WINDOW_S:
+        times.popleft()
+
+
 def _rate(times: deque, now: float, since: float) -> float:
     while times and times[0] < now - RATE_WINDOW_S:
         times.popleft()
@@ -178,6 +185,7 @@ class _Stream:
         self.published = 0
         self.suppressed = 0
         self.publish_errors = 0
+        self.output_errors = 0
         self.last_publish = -1e18
         self.sink_lock = threading.Lock()
         self.sink: Any = None
@@ -342,7 +350,7 @@ class StreamManager:
             if self._stopping:
                 return False
             st.read += 1
-            st.read_times.append(frame.t)
+            _mark(st.read_times, frame.t)
             if len(st.queue) >= max(1, st.cfg.queue):  # never true under policy block (see _wait_for_space)
                 st.queue.popleft()  # latest-frame policy: the oldest waiting frame is worth least
                 st.dropped["queue_full"] += 1
@@ -361,6 +369,17 @@ class StreamManager:
         return 1.0 / (fps if fps and 0 < fps < 1000 else DEFAULT_FILE_FPS)
 
     def _capture_loop(self, st: _Stream) -> None:
+        """Thread body: an unexpected error marks the stream down and restarts it, never ends it silently."""
+        while not self._stop.is_set():
+            try:
+                self._capture(st)
+                return
+            except Exception as e:  # noqa: BLE001 - a bug or an OpenCV surprise must not freeze the stream "up"
+                log.exception("stream %s: capture failed", st.name)
+                self._set_state(st, "down", f"capture failed: {type(e).__name__}: {str(e)[:200]}")
+                self._stop.wait(st.cfg.retry_max_s)
+
+    def _capture(self, st: _Stream) -> None:
         backoff = st.cfg.retry_min_s
         index = 0
         while not self._stop.is_set():
@@ -377,8 +396,7 @@ class StreamManager:
             live_limit = interval if st.kind != "file" else 0.0
             file_interval = interval if st.kind == "file" else 0.0
             n = 0
-            next_t = time.monotonic()
-            last_kept = -1e18
+            next_t = next_keep = time.monotonic()
             try:
                 while not self._stop.is_set():
                     if file_interval:
@@ -396,15 +414,16 @@ class StreamManager:
                     now = time.monotonic()
                     frame = _Frame(index, img, now, time.time())
                     index += 1
-                    if live_limit and now - last_kept < live_limit:
+                    if live_limit and now < next_keep:
                         with self._lock:  # a camera faster than fps_limit: read (to stay current) and skip
                             if self._stopping:
                                 break
                             st.read += 1
-                            st.read_times.append(now)
+                            _mark(st.read_times, now)
                             st.dropped["fps_limit"] += 1
                         continue
-                    last_kept = now
+                    if live_limit:  # a schedule, not a min gap: a 30 fps camera limited to 10 keeps 10, not 7.5
+                        next_keep = max(next_keep + live_limit, now - live_limit)
                     if not self._enqueue(st, frame):
                         break
             except cv2.error as e:  # a corrupt stream: treat like a source that stopped
@@ -465,7 +484,12 @@ class StreamManager:
                 self._finish(st, "error", f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
                 continue
             self._finish(st, None, latency_ms=timing.total_ms, age_ms=age_ms)
-            self._emit(st, frame, model, det, timing.total_ms, age_ms)
+            try:
+                self._emit(st, frame, model, det, timing.total_ms, age_ms)
+            except Exception as e:  # noqa: BLE001 - e.g. a full disk under the sink: count it, keep inferring
+                with self._lock:
+                    st.output_errors += 1
+                log.warning("stream %s: output failed: %s", st.name, e)
 
     def _finish(self, st: _Stream, drop: Optional[str], error: Optional[str] = None, latency_ms: float = 0.0,
                 age_ms: float = 0.0) -> None:
@@ -478,7 +502,7 @@ class StreamManager:
                     st.last_error = error
             else:
                 st.processed += 1
-                st.proc_times.append(time.monotonic())
+                _mark(st.proc_times, time.monotonic())
                 st.latency.append(latency_ms)
                 st.age.append(age_ms)
         if error:
@@ -559,7 +583,7 @@ class StreamManager:
                     "latency_ms": _percentiles(st.latency, (50, 95, 99)),
                     "opens": st.opens, "loops": st.loops, "errors": st.errors, "last_error": st.last_error,
                     "detections_published": st.published, "detections_suppressed": st.suppressed,
-                    "publish_errors": st.publish_errors,
+                    "publish_errors": st.publish_errors, "output_errors": st.output_errors,
                 }
             model = self._model
             swaps = self._swaps

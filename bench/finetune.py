@@ -31,8 +31,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default=str(SHARED / "models" / "yolov8n-coco.pt"))
     ap.add_argument("--data", default=str(SHARED / "data" / "coco128" / "data.yaml"))
-    ap.add_argument("--ratio", type=float, default=0.3)
-    ap.add_argument("--criterion", default="l1")
+    ap.add_argument("--ratio", type=float, default=0.2)
+    ap.add_argument("--criterion", default="auto")
+    ap.add_argument("--allocation", default="uniform")
     ap.add_argument("--imgsz", type=int, default=320)
     ap.add_argument("--budget-min", type=float, default=6.0)
     ap.add_argument("--points", default="plain,distill")
@@ -51,10 +52,11 @@ def main() -> None:
 
     emit({"point": "unpruned", **_short(validate(a.model, a.data, imgsz=a.imgsz))})
     t = time.monotonic()
-    yolo, info = prune_model(a.model, a.ratio, criterion=a.criterion, imgsz=a.imgsz, allocation="uniform", progress=False)
+    yolo, info = prune_model(a.model, a.ratio, criterion=a.criterion, data_yaml=a.data, imgsz=a.imgsz,
+                               allocation=a.allocation, progress=False)
     pruned = save_pruned(yolo, work / "pruned.pt", info)
     emit({"point": "pruned, no fine-tuning", "prune_s": round(time.monotonic() - t, 1),
-          "achieved_ratio": info.get("achieved_ratio"), "params": info.get("params_after"),
+          "criterion": info.get("criterion"), "achieved_ratio": info.get("achieved_ratio"), "params": info.get("params_after"),
           "gflops": info.get("gflops_after"), **_short(validate(pruned, a.data, imgsz=a.imgsz))})
     for point in a.points.split(","):
         teacher = a.model if point == "distill" else None

@@ -214,10 +214,15 @@ def train_demo(out: Path, init: str, epochs: int, imgsz: int, batch: int, worker
     import torch
 
     ckpt = torch.load(best, map_location="cpu", weights_only=False)
-    lean = {"model": ckpt.get("ema") or ckpt["model"], "train_args": ckpt.get("train_args", {}),
+    # No machine-specific paths in a file that ships: keep the training settings, drop the paths.
+    args = {k: v for k, v in (ckpt.get("train_args") or {}).items() if k not in ("data", "project", "name", "save_dir", "model")}
+    args.update(task="detect", model="demo.pt", data=f"demo-shapes-v{DEMO_VERSION}")
+    lean = {"model": ckpt.get("ema") or ckpt["model"], "train_args": args,
             "date": ckpt.get("date"), "version": ckpt.get("version"), "epoch": -1,
             "optimizer": None, "ema": None, "updates": None, "best_fitness": None}
     lean["model"] = lean["model"].half()
+    if isinstance(getattr(lean["model"], "args", None), dict):
+        lean["model"].args = {k: v for k, v in lean["model"].args.items() if k not in ("data", "project", "name", "save_dir", "model")}
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     torch.save(lean, out)
     return Path(out)

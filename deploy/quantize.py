@@ -1,12 +1,16 @@
 """Static INT8 quantization with ONNX Runtime, and the accuracy gate that guards it.
 
-Recipe (the defaults; measured in ``bench/int8.py``, numbers in ``bench/results/int8.md``):
-QDQ format, per-channel symmetric int8 weights, uint8 activations (U8S8: the pair that
-AVX-512 VNNI's ``vpdpbusd`` multiplies natively, so MLAS needs no s8->u8 shift), calibration
-on the user's own training images with Ultralytics-identical letterbox, and the Detect head's
-non-Conv tail (DFL softmax and dot product, box decoding Sub/Add/Mul/Div, the final Concat and the
-class Sigmoid) kept in float: these produce pixel coordinates and scores whose int8 rounding moves
-boxes by whole pixels and is the reported cause of "mAP drops to zero" after naive quantization.
+Recipe (the defaults; every choice measured with ``bench/int8.py``, see ``bench/results/int8.md``):
+- QDQ format (QOperator measured the same), per-channel symmetric int8 weights, uint8
+  activations: U8S8 is the pair AVX-512 VNNI's ``vpdpbusd`` multiplies natively; S8S8 ran at
+  FP32 speed here (no AMX on this CPU).
+- MinMax calibration on the user's own training images (Ultralytics-identical letterbox):
+  entropy gave the same mAP for 3x the time and ~7 GB of RAM at 640, percentile was worse.
+- The Detect head's tail (DFL softmax and dot product, box decoding, final Concat, class
+  Sigmoid) stays float: quantizing it took yolov8n-coco from 0.419 to 0.000 mAP50-95 (the
+  "naive static quantization drops mAP to zero" report).
+- The stem conv (3 input channels) stays float: its int8 version was slower than FP32.
+- SiLU stays QLinearSigmoid + QLinearMul (``fuse_silu`` is the faster, less accurate option).
 """
 
 from __future__ import annotations
@@ -100,10 +104,11 @@ def head_tail_nodes(model: Any) -> list[str]:
 def silu_to_quickgelu(model: Any) -> int:
     """Replace each SiLU (``x * Sigmoid(x)``) by one ``com.microsoft.QuickGelu(alpha=1)`` node.
 
-    Quantized as-is, SiLU becomes QLinearSigmoid (a scalar table lookup) + QLinearMul, which
-    took ~26 % of an INT8 yolov8n at 640 (ORT profiler) against ~6 % for FP32's fused,
-    vectorised QuickGelu. As one node the quantizer leaves it in float between a DQ and a Q:
-    less time, and one rounding step fewer. Returns the number of SiLUs replaced.
+    Quantized as-is, SiLU becomes QLinearSigmoid (a scalar table lookup) + QLinearMul; as one
+    QuickGelu node the quantizer leaves it in float between a DQ and a Q. Measured on
+    yolov8n-coco at 640 (bench/results/int8.md): ~6 % less CPU time, but mAP50-95 on coco128 val
+    1.5 points below FP32 instead of 0.2, so it is off by default (``fuse_silu=False``).
+    Returns the number of SiLUs replaced.
     """
     from onnx import helper
 
@@ -162,7 +167,7 @@ def quantize_int8(
     activations: Literal["u8", "s8"] = "u8",
     op_types: Optional[Sequence[str]] = None,
     preprocess: bool = True,
-    fuse_silu: bool = True,
+    fuse_silu: bool = False,
     float_stem: bool = True,
     info: Optional[dict] = None,
 ) -> Path:

@@ -153,7 +153,6 @@ def adapt_classes(model: nn.Module, names: dict[int, str]) -> bool:
 
 def _trainer_class() -> type:
     from ultralytics.models.yolo.detect import DetectionTrainer
-    from ultralytics.utils.torch_utils import unwrap_model
 
     class PrunedDetectionTrainer(DetectionTrainer):
         """``DetectionTrainer`` that trains the given module itself, never a rebuild from its YAML.
@@ -196,7 +195,6 @@ def _trainer_class() -> type:
         def final_eval(self) -> None:
             return None
 
-    PrunedDetectionTrainer.__qualname__ = "PrunedDetectionTrainer"
     return PrunedDetectionTrainer
 
 
@@ -532,7 +530,9 @@ def validate(
             if p.suffix == ".onnx":
                 if not p.is_file():
                     raise UserInputError(f"model file not found: {model_or_path}")
-                _check_onnx(p)
+                nc = _check_onnx(p)
+                if nc is not None and nc != len(names):
+                    raise UserInputError(f"{model_or_path} predicts {nc} classes, the dataset {data_yaml} has {len(names)}")
                 model = str(p.resolve())
             else:
                 model = load_detection_checkpoint(p)[0]
@@ -553,16 +553,22 @@ def validate(
         metrics = _metrics_from_validator(validator, names)
         if metrics is None:
             raise RuntimeError("the validator returned no detection metrics")
+        sz = validator.args.imgsz  # a static ONNX overrides the requested size with its own
+        metrics["imgsz"] = int(sz[0] if isinstance(sz, (list, tuple)) else sz)
+        metrics["images"] = int(validator.seen or 0)
         return metrics
 
 
-def _check_onnx(path: Path) -> None:
+def _check_onnx(path: Path) -> Optional[int]:
+    """Fail in one line on a broken file; the class count of a (1, 4 + nc, anchors) output, if static."""
     try:
         import onnx
 
-        onnx.load(str(path), load_external_data=False)
+        model = onnx.load(str(path), load_external_data=False)
     except Exception as e:  # noqa: BLE001 - onnx raises DecodeError/ValidationError/...
         raise UserInputError(f"{path}: not a loadable ONNX model ({_first_line(e)})") from None
+    dims = [d.dim_value for d in model.graph.output[0].type.tensor_type.shape.dim] if model.graph.output else []
+    return dims[1] - 4 if len(dims) == 3 and dims[1] > 4 else None
 
 
 # ----------------------------------------------------------------------------- CLI

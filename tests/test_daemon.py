@@ -10,6 +10,7 @@ import functools
 import http.server
 import json
 import threading
+import time
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -271,3 +272,23 @@ def test_streams_detections_telemetry_and_hot_swap(broker, tmp_path):
         d.stop()
         w.close()
     assert not w.invalid, w.invalid
+
+
+def test_telemetry_measures_this_process(tmp_path):
+    """Without a broker the daemon still runs; its telemetry numbers come from this process."""
+    from test_mqtt_helpers import sections
+
+    from prune_pack.agent.daemon import Daemon
+
+    d = Daemon.from_config(sections(agent_config(tmp_path, None)))
+    d.start()
+    try:
+        d.telemetry()
+        end = time.process_time() + 0.3
+        while time.process_time() < end:  # burn CPU in this process
+            pass
+        t = d.telemetry()
+        assert t["cpu_percent"] > 0 and t["rss_mb"] > 10 and len(t["load"]) == 3
+        assert t["model"] is None and t["queue"] == {"pending": 0, "dropped": 0}
+    finally:
+        d.shutdown()

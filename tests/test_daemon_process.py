@@ -164,29 +164,40 @@ def test_broker_outage_nothing_lost_replayed_in_order(broker, watcher, tmp_path)
     cfg["mqtt"]["broker"] = f"mqtt://127.0.0.1:{proxy.port}"
     p = DaemonProcess(tmp_path, cfg)
     try:
-        watcher.status("online", timeout=60)
-        assert watcher.call("deploy", {"path": str(package(tmp_path, 1))})["ok"]
-        # a slow command whose answer is produced while the broker is down
-        watcher.publish("profile", {"request_id": "during-outage", "seconds": 1.5, "warmup": 0})
-        time.sleep(0.3)
-        proxy.open = False
-        broker.stop()
-        time.sleep(3.0)
-        broker.start()
-        watcher.reconnect()
-        proxy.open = True
-        mark = watcher.mark()
-        watcher.status("online", timeout=30, start=mark)
-        res = watcher.wait_for(lambda t, b: t.endswith("/res") and b.get("request_id") == "during-outage", timeout=30)[1]
-        assert res["ok"] and res.get("historical") is True
-        # wait until the daemon produced live telemetry again after the replay
-        watcher.wait_for(lambda t, b: t.endswith("/telemetry") and "historical" not in b, timeout=30, start=mark)
-        assert watcher.call("ping")["ok"]
-        p.term()
+        _outage_scenario(p, proxy, broker, watcher, tmp_path)
+    except AssertionError as e:
+        tail = [(t, {k: b.get(k) for k in ("state", "session", "seq", "historical", "request_id")})
+                for t, b, _ in watcher.messages[-12:] if isinstance(b, dict)]
+        raise AssertionError(f"{e}\nlast messages: {tail}\nagent log:\n{p.tail()}") from None
     finally:
         p.ensure_dead()
         proxy.close()
+    _check_nothing_lost(watcher)
 
+
+def _outage_scenario(p, proxy, broker, watcher, tmp_path) -> None:
+    watcher.status("online", timeout=60)
+    assert watcher.call("deploy", {"path": str(package(tmp_path, 1))})["ok"]
+    # a slow command whose answer is produced while the broker is down
+    watcher.publish("profile", {"request_id": "during-outage", "seconds": 1.5, "warmup": 0})
+    time.sleep(0.3)
+    proxy.open = False
+    broker.stop()
+    time.sleep(3.0)
+    broker.start()
+    watcher.reconnect()
+    proxy.open = True
+    mark = watcher.mark()
+    watcher.status("online", timeout=30, start=mark)
+    res = watcher.wait_for(lambda t, b: t.endswith("/res") and b.get("request_id") == "during-outage", timeout=30)[1]
+    assert res["ok"] and res.get("historical") is True
+    # wait until the daemon produced live telemetry again after the replay
+    watcher.wait_for(lambda t, b: t.endswith("/telemetry") and "historical" not in b, timeout=30, start=mark)
+    assert watcher.call("ping")["ok"]
+    p.term()
+
+
+def _check_nothing_lost(watcher) -> None:
     msgs = [(t, b) for t, b, retain in watcher.device_messages() if isinstance(b, dict) and b.get("seq")]
     historical = [b for _, b in msgs if b.get("historical")]
     assert len([b for b in historical if b["schema"] == "telemetry/1"]) >= 5  # ~3 s of telemetry at 0.2 s

@@ -123,7 +123,7 @@ def test_rounding_never_overprunes_small_layers():
 @pytest.mark.parametrize("allocation,criterion", [("uniform", "l1"), ("global", "bn_scale"), ("sensitivity", "act_var")])
 def test_prune_model_shapes_and_info(tiny_pt, bus_tensor, allocation, criterion):
     yolo, info = prune_model(tiny_pt, 0.3, criterion=criterion, imgsz=IMGSZ, allocation=allocation, progress=False,
-                             sens_images=2, sens_imgsz=64)
+                             sens_images=2, sens_imgsz=32)
     ref_model = _model(tiny_pt)
     with torch.no_grad():
         out = yolo.model.eval()(bus_tensor)[0]
