@@ -2,7 +2,7 @@
 interleaved), mAP50-95 before and after a fixed fine-tuning budget, per criterion/allocation.
 
     python bench/pruning.py --model ../shared/models/yolov8n-coco.pt --data ../shared/data/coco128/data.yaml \
-        --ratios 0.1 0.2 --configs l1:uniform act_var:sensitivity --imgsz 640 --out-dir /tmp/bench-prune
+        --ratios 0.1 0.2 --configs l1:uniform:nocomp act_var:sensitivity --imgsz 640 --out-dir /tmp/bench-prune
 
 Writes ``results.jsonl`` (one line per point) and ``results.md`` (a table) into ``--out-dir``.
 Latency: ONNX Runtime CPU, ``--threads`` intra-op threads, batch 1, random input; the models are
@@ -65,7 +65,7 @@ def main() -> None:
     ap.add_argument("--model", required=True)
     ap.add_argument("--data", required=True)
     ap.add_argument("--ratios", type=float, nargs="+", default=[0.1, 0.2])
-    ap.add_argument("--configs", nargs="+", default=["l1:uniform", "act_var:sensitivity"], help="criterion:allocation[:nocomp]")
+    ap.add_argument("--configs", nargs="+", default=["l1:uniform", "act_var:sensitivity"], help="criterion:allocation[:nocomp|:mean] (default compensation: least squares)")
     ap.add_argument("--imgsz", type=int, default=640)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=5)
@@ -73,6 +73,7 @@ def main() -> None:
     ap.add_argument("--calib-images", type=int, default=32)
     ap.add_argument("--finetune-epochs", type=int, default=0, help="0 = no fine-tuning")
     ap.add_argument("--finetune-imgsz", type=int, default=320)
+    ap.add_argument("--finetune-ratios", type=float, nargs="*", default=None, help="fine-tune only these points")
     ap.add_argument("--finetune-minutes", type=float, default=None, help="CPU time budget per fine-tune")
     ap.add_argument("--out-dir", required=True)
     a = ap.parse_args()
@@ -90,13 +91,14 @@ def main() -> None:
     for cfg in a.configs:
         crit, alloc, *rest = cfg.split(":")
         comp = "nocomp" not in rest
+        lsq = "mean" not in rest
         for r in a.ratios:
             t = time.monotonic()
             yolo, info = prune_model(base, r, criterion=crit, data_yaml=a.data, imgsz=a.imgsz, allocation=alloc,
-                                     calib_images=a.calib_images, bias_compensation=comp, progress=False)
-            pt = out / f"{crit}-{alloc}{'' if comp else '-nocomp'}-{r:.2f}.pt"
+                                     calib_images=a.calib_images, bias_compensation=comp, reconstruct=lsq, progress=False)
+            pt = out / f"{crit}-{alloc}{'' if comp else '-nocomp'}{'' if lsq else '-mean'}-{r:.2f}.pt"
             save_pruned(yolo, pt, info)
-            row = {"criterion": crit, "allocation": alloc, "bias_compensation": comp, "requested": r,
+            row = {"criterion": crit, "allocation": alloc, "bias_compensation": info["bias_compensation"], "requested": r,
                    "achieved": info["achieved_ratio"], "params": info["params_after"], "gflops": info["gflops_after"],
                    "prune_s": round(time.monotonic() - t, 1), "pt": str(pt)}
             print(json.dumps(row), file=sys.stderr, flush=True)
@@ -114,6 +116,8 @@ def main() -> None:
         from prune_pack.pruning.finetune import finetune
 
         for row, pt in points:
+            if a.finetune_ratios and row["requested"] not in a.finetune_ratios:
+                continue
             for distill in (False, True):
                 key = "map_ft_distill" if distill else "map_ft"
                 res = finetune(pt, a.data, epochs=max(1, a.finetune_epochs), imgsz=a.finetune_imgsz,
@@ -132,7 +136,7 @@ def main() -> None:
     lines = [f"Conditions: {cond}", "", "| criterion | allocation | requested | achieved | params | GFLOPs | p50 ms | speedup | mAP50-95 | FT | FT+KD |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['criterion']} | {r['allocation']}{'' if r.get('bias_compensation', True) else ' (no comp)'} | {r['requested']} | "
+        lines.append(f"| {r['criterion']} | {r['allocation']}{'' if r.get('bias_compensation') in (None, 'lsq') else ' (' + r['bias_compensation'] + ' comp)'} | {r['requested']} | "
                      f"{r['achieved']} | {r.get('params', '')} | {r.get('gflops', '')} | {r.get('p50_ms', '')} | {r.get('speedup', '')} | "
                      f"{r.get('map_pruned', '')} | {r.get('map_ft', '')} | {r.get('map_ft_distill', '')} |")
     (out / "results.md").write_text("\n".join(lines) + "\n")

@@ -211,21 +211,44 @@ class SearchResult:
         measured = [r for r in self.records.values() if r.measurements and r.gate is not False]
         return min(measured, key=lambda r: r.point(self.percentile) or math.inf, default=None)
 
-    def next_more_pruned(self, signature: Optional[Callable[[Candidate], Hashable]] = None) -> Optional[Candidate]:
-        """The grid point after the chosen one whose rounded widths differ (the verification step)."""
+    def next_more_pruned(self, signature: Optional[Callable[[Candidate], Hashable]] = None,
+                         final_ms: Optional[float] = None, margin: float = 0.02) -> Optional[Candidate]:
+        """The verification step: a grid point after the chosen one whose rounded widths differ.
+
+        Without ``final_ms`` the next such point. With it (the fine-tuned model's miss), the step is
+        sized by the miss: the device ran the same architecture ``final_ms / searched`` slower than
+        during the search (load drift, new weights), so the step goes to the mildest point whose
+        search-time latency -- measured, else predicted by the fitted L0 * (1 - r)^k law -- clears
+        the target by that factor. Still one step, always toward more pruning.
+        """
         if not self.chosen or not self.grid:
             return None
-        grid = self.grid
-        after = [c for c in grid if c.ratio > self.chosen.ratio]
+        after = [c for c in self.grid if c.ratio > self.chosen.ratio]
+        if signature is not None:
+            mine = signature(self.chosen) if self.chosen.ratio > 0 else None
+            first = next((i for i, c in enumerate(after) if signature(c) != mine), None)
+            if first is None:
+                return None
+            after = after[first:]
         if not after:
             return None
-        if signature is None:
+        rec = self.records.get(self.chosen.key)
+        searched = rec.point(self.percentile) if rec else None
+        if final_ms is None or not searched or final_ms <= searched:
             return after[0]
-        mine = signature(self.chosen) if self.chosen.ratio > 0 else None
+        need = searched * self.target_ms * (1.0 - margin) / final_ms  # search-time latency that would do
+        fam = [r for r in self.records.values() if r.candidate.family == self.chosen.family and r.measurements
+               and not r.same_as]
+        base = next((r.point(self.percentile) for r in fam if r.candidate.ratio == 0), None)
+        ks = [math.log(r.point(self.percentile) / base) / math.log(1 - r.candidate.ratio) for r in fam
+              if base and r.candidate.ratio > 0 and 0 < (r.point(self.percentile) or 0) < base]
+        k = max(0.3, min(4.0, sum(ks) / len(ks))) if ks else 1.5
         for c in after:
-            if signature(c) != mine:
+            r = self.records.get(c.key)
+            est = r.point(self.percentile) if r and r.measurements else (base * (1 - c.ratio) ** k if base else None)
+            if est is not None and est <= need:
                 return c
-        return None
+        return after[-1]
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -504,7 +527,8 @@ def verify(result: SearchResult, prepare_final: Callable[[Candidate, bool], None
             return Verification(cand, PASS, steps, records, used)
         if steps >= 1 or cand.ratio == 0 and not result.grid:
             break
-        cand = result.next_more_pruned(signature)
+        missed = records[-1]["latency_ms"]
+        cand = result.next_more_pruned(signature, final_ms=missed, margin=margin)
         steps += 1
         short = True
     return Verification(None, FAIL, steps, records, used)

@@ -84,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", metavar="YAML", help="calibration data for data-aware criteria and bias compensation")
     p.add_argument("--imgsz", type=int, default=640)
     p.add_argument("--allocation", choices=["uniform", "global", "sensitivity"], help="how the ratio is spread over layers (default: sensitivity)")
+    p.add_argument("--compensation", choices=["lsq", "mean", "none"], help="how consumers make up for removed channels: least-squares refit (default), mean folded into the bias, or nothing")
     p.add_argument("--out", metavar="PT", required=True)
 
     f = sub.add_parser("finetune", parents=[common], help="fine-tune a (pruned) model to win accuracy back")

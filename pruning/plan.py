@@ -333,16 +333,106 @@ def compensate_bias(model: nn.Module, removals: list[tuple[ChannelGroup, torch.T
             conv.bias = nn.Parameter(d.to(conv.weight.dtype))
 
 
+def removed_inputs(removals: list[tuple[ChannelGroup, torch.Tensor]]) -> dict[nn.Conv2d, list[int]]:
+    """Consumer conv -> its input channels that go, over all groups."""
+    out: dict[nn.Conv2d, set[int]] = {}
+    for g, removed in removals:
+        rset = set(int(r) for r in removed)
+        for conv, idxs, roots in g.consumers:
+            out.setdefault(conv, set()).update(i for i, r in zip(idxs, roots) if r in rset)
+    return {c: sorted(v) for c, v in out.items() if v}
+
+
+@torch.no_grad()
+def reconstruct(model: nn.Module, removals: list[tuple[ChannelGroup, torch.Tensor]], images: torch.Tensor,
+                batch: int = 4, positions: int = 1024, ridge: float = 1e-3, seed: int = 0) -> None:
+    """Least-squares compensation: refit each consumer's kept weights and bias so that its output
+    on calibration inputs stays what it was (He et al. 2017 / ThiNet style feature reconstruction).
+
+    Mean (bias) compensation is the special case with only the constant feature; here the kept
+    channels also absorb the part of a removed channel they can predict. Needs only the Gram matrix
+    of the consumer's unfolded input patches (sampled positions), accumulated in one pass.
+    """
+    todo = removed_inputs(removals)
+    if not todo:
+        return
+    gram: dict[nn.Conv2d, torch.Tensor] = {}
+    count: dict[nn.Conv2d, int] = {}
+    gen = torch.Generator().manual_seed(seed)
+
+    def hook(mod: nn.Module, inp: tuple) -> None:
+        x = inp[0]
+        cols = nn.functional.unfold(x, mod.kernel_size, mod.dilation, mod.padding, mod.stride)  # B x (Cin*k*k) x L
+        cols = cols.permute(0, 2, 1).reshape(-1, cols.shape[1])
+        if cols.shape[0] > positions * x.shape[0]:
+            cols = cols[torch.randperm(cols.shape[0], generator=gen)[: positions * x.shape[0]]]
+        cols = torch.cat([cols, torch.ones(cols.shape[0], 1)], 1).double()
+        gram[mod] = gram.get(mod, 0) + cols.T @ cols
+        count[mod] = count.get(mod, 0) + cols.shape[0]
+
+    handles = [c.register_forward_pre_hook(hook) for c in todo]
+    try:
+        model.eval()
+        for i in range(0, len(images), batch):
+            model(images[i : i + batch])
+    finally:
+        for h in handles:
+            h.remove()
+    bns = _owner_bn(model)
+    for conv, gone in todo.items():
+        kk = conv.kernel_size[0] * conv.kernel_size[1]
+        cin = conv.in_channels
+        kept_ch = [c for c in range(cin) if c not in set(gone)]
+        cols = torch.tensor([c * kk + j for c in kept_ch for j in range(kk)] + [cin * kk])  # + constant
+        G = gram[conv]
+        if count[conv] < 2 * len(cols):
+            # Too few samples for the unknowns (small maps, few images): a least-squares fit would
+            # overfit, so fall back to mean compensation (from the same statistics, padding included).
+            mean = G[-1, :-1] / G[-1, -1]
+            gone_cols = torch.tensor([c * kk + j for c in gone for j in range(kk)])
+            delta = conv.weight.reshape(conv.out_channels, -1).double()[:, gone_cols] @ mean[gone_cols]
+            _fold(conv, delta, bns.get(conv))
+            continue
+        w_full = torch.cat([conv.weight.reshape(conv.out_channels, -1).double(), torch.zeros(conv.out_channels, 1, dtype=torch.float64)], 1)
+        A = G[cols][:, cols]
+        # Fewer samples than unknowns (small maps, few images) would overfit: regularise harder.
+        lam = ridge * max(1.0, len(cols) / max(1, count[conv]))
+        A = A + lam * A.diagonal().mean() * torch.eye(len(cols), dtype=A.dtype)
+        B = G[cols] @ w_full.T  # (kept + 1) x Cout
+        sol = torch.linalg.solve(A, B).T  # Cout x (kept + 1)
+        w = conv.weight.data.view(conv.out_channels, cin, kk)
+        w[:, kept_ch] = sol[:, :-1].reshape(conv.out_channels, len(kept_ch), kk).to(w.dtype)
+        _fold(conv, sol[:, -1], bns.get(conv))
+
+
+def _fold(conv: nn.Conv2d, delta: torch.Tensor, bn: nn.Module | None) -> None:
+    """Add ``delta`` to the conv's output: via the following BN's running_mean, else the conv bias."""
+    if bn is not None:
+        bn.running_mean.sub_(delta.to(bn.running_mean.dtype))
+    elif conv.bias is not None:
+        conv.bias.data.add_(delta.to(conv.bias.dtype))
+    else:
+        conv.bias = nn.Parameter(delta.to(conv.weight.dtype))
+
+
 def apply_plan(model: nn.Module, dg: object, groups: list[ChannelGroup], plan: dict[str, int],
-               scores: dict[str, torch.Tensor], ctx: CalibContext | None, bias_compensation: bool) -> dict[str, list[int]]:
-    """Remove each group's weakest channels down to its planned width. Returns removed root indices."""
+               scores: dict[str, torch.Tensor], ctx: CalibContext | None, bias_compensation: bool,
+               lsq: bool = False) -> dict[str, list[int]]:
+    """Remove each group's weakest channels down to its planned width. Returns removed root indices.
+
+    ``lsq``: least-squares reconstruction of the consumers (``reconstruct``) instead of mean-only
+    bias compensation.
+    """
     import torch_pruning as tp
 
     removals = [(g, lowest(scores[g.name], g.size - plan[g.name])) for g in groups]
-    if bias_compensation:
+    if bias_compensation or lsq:
         if ctx is None or not ctx.in_stats:
             raise UserInputError("bias compensation needs calibration statistics")
-        compensate_bias(model, removals, ctx)
+        if lsq:
+            reconstruct(model, removals, ctx.images)
+        else:
+            compensate_bias(model, removals, ctx)
     for g, removed in removals:
         if len(removed) == 0:
             continue

@@ -50,6 +50,7 @@ def prune_model(
     calib_images: int = 32,
     bias_compensation: bool = True,
     progress: bool = True,
+    reconstruct: bool = True,
     sens_images: int = 4,
     sens_imgsz: int | None = None,
 ) -> tuple[Any, dict]:
@@ -58,6 +59,10 @@ def prune_model(
     ``ratio`` is the requested share of prunable channels removed, before rounding; the achieved
     share is in ``info["achieved_ratio"]``. ``sens_images``/``sens_imgsz`` size the sensitivity probe
     (default: 4 images at min(imgsz, 320)), which dominates the run time.
+    ``bias_compensation`` with ``reconstruct`` (default) refits each consumer's kept weights and bias
+    by least squares on the calibration images (measured: uniform 10% act_var at 320 on coco128,
+    mAP50-95 0.120 with mean-only compensation -> 0.229); ``reconstruct=False`` folds only the
+    removed channels' mean into the bias.
     Returns ``(ultralytics.YOLO, info)``; save with ``save_pruned(yolo, path, info)``.
     """
     if not isinstance(ratio, (int, float)) or not 0.0 <= ratio <= MAX_RATIO:
@@ -115,7 +120,7 @@ def prune_model(
             log(f"measuring layer sensitivity on {len(s_ctx.images)} images at {s_imgsz} ({len(groups)} groups)")
             plan, sens = P.sensitivity_plan(model, groups, scores, s_ctx, ratio, round_to, max_layer_ratio, imgsz,
                                             bias_compensation, progress=log if progress else None)
-        P.apply_plan(model, dg, groups, plan, scores, ctx, bias_compensation)
+        P.apply_plan(model, dg, groups, plan, scores, ctx, bias_compensation, lsq=bias_compensation and reconstruct)
     else:
         plan, sens = {g.name: g.size for g in groups}, {}
 
@@ -134,7 +139,7 @@ def prune_model(
         "gflops_after": round(_gflops(model, imgsz), 3),
         "criterion": criterion,
         "allocation": allocation,
-        "bias_compensation": bool(bias_compensation),
+        "bias_compensation": ("lsq" if reconstruct else "mean") if bias_compensation else "none",
         "max_layer_ratio": max_layer_ratio,
         "round_to": round_to,
         "imgsz": imgsz,
@@ -160,6 +165,10 @@ def cli_prune(args: argparse.Namespace, cfg: Any) -> dict:
     if sec is not None:
         kwargs = {"max_layer_ratio": sec.max_layer_ratio, "round_to": sec.round_to, "calib_images": sec.calib_images,
                   "bias_compensation": sec.bias_compensation}
+    comp = getattr(args, "compensation", None)
+    if comp is not None:
+        kwargs["bias_compensation"] = comp != "none"
+        kwargs["reconstruct"] = comp == "lsq"
     out = Path(args.out)
     if out.suffix != ".pt":
         raise UserInputError(f"--out {args.out}: expected a .pt path")

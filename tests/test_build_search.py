@@ -268,3 +268,20 @@ def test_levers_are_ordered_by_accuracy_cost():
 
     with pytest.raises(UserInputError, match="OpenVINO"):
         plan_levers("ort", "bf16", 640, ["ort", "openvino"], bf16=True)
+
+
+def test_the_verification_step_is_sized_by_the_miss():
+    # The device got 15 % slower between the search and the verification (load drift): the one
+    # step must go far enough for that, not just to the neighbouring grid point.
+    res = search(Device(smooth), [BASE], 40.0, "p95", RATIOS)
+    chosen = res.chosen
+    drift = 1.15
+
+    def final(c):
+        v = smooth(c) * drift
+        return Measurement.of(v, (v * 0.99, v * 1.01))
+
+    v = verify(res, lambda c, s: None, final)
+    assert v.decision == PASS and v.steps == 1
+    assert v.candidate.ratio > res.next_more_pruned().ratio >= chosen.ratio
+    assert smooth(v.candidate) * drift * 1.01 <= 40.0

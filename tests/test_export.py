@@ -140,3 +140,16 @@ def test_cli_export_bare_onnx_and_one_line_errors(tiny_pt, tmp_path, capsys):
     assert len(err) == 1 and "--int8 needs --data" in err[0]
     assert main(["export", "--model", str(tiny_pt), "--imgsz", "100", "--out", str(tmp_path / "x.ppk")]) == 2
     assert "multiple of 32" in capsys.readouterr().err
+
+
+def test_pruning_provenance_reaches_the_manifest(tiny_pt, tmp_path):
+    from prune_pack.agent.package import read_manifest
+    from prune_pack.pruning.checkpoint import load_checkpoint, save_pruned
+
+    yolo, _ = load_checkpoint(tiny_pt)
+    prov = {"base_sha256": "ab" * 32, "criterion": "l1", "requested_ratio": 0.3, "widths": {"model.2.cv1": [32, 24]}}
+    pruned = save_pruned(yolo, tmp_path / "pruned.pt", prov)
+    export_package(pruned, tmp_path / "p.ppk", imgsz=IMGSZ, latency_runs=0, registry=tmp_path / "v.json")
+    p = read_manifest(tmp_path / "p.ppk")["provenance"]
+    assert p["pruned"] is True and p["base_sha256"] == "ab" * 32 and p["source_sha256"] == sha256_file(pruned)
+    assert p["criterion"] == "l1" and p["requested_ratio"] == 0.3 and p["widths"] == {"model.2.cv1": [32, 24]}

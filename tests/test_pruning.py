@@ -173,24 +173,29 @@ print(json.dumps({{"boxes": len(r[0].boxes), "shape": list(y.shape), "maxdiff": 
     assert prov["base_sha256"] == info["base_sha256"] and prov["criterion"] == "l1"
 
 
-def test_bias_compensation_reduces_output_error(coco_pt):
-    """Same channels removed with and without compensation: compensation must cut the output error
-    on real images that were not used for calibration."""
-    calib = I.bundled_images()
-    evals = sorted(shared_path("data", "coco128", "images", "val2017").glob("*.jpg"))[:4]
-    x = I.load_images(evals, 160)
-    ref_model = _model(coco_pt)
+def test_bias_compensation_reduces_output_error(coco_pt, coco128_yaml):
+    """Same channels removed with no compensation, mean (bias) compensation and least-squares
+    reconstruction: each must cut the output error on real images not used for calibration
+    (calibration: coco128 train; evaluation: coco128 val)."""
+    from prune_pack.pruning.sources import dataset_images
+
+    base = G.make_prunable(_model(coco_pt))
+    x = I.load_images(dataset_images(coco128_yaml, "val", limit=4), 256)
+    calib = I.load_images(dataset_images(coco128_yaml, "train", limit=16), 256)
     with torch.no_grad():
-        ref = ref_model(x)[0]
+        ref = base(x)[0]
     errs = {}
-    for comp in (True, False):
-        yolo, _ = prune_model(coco_pt, 0.1, criterion="act_var", imgsz=160, allocation="uniform",
-                              bias_compensation=comp, progress=False)
-        assert calib  # calibration ran on the bundled images, evaluation on coco128 val
+    for mode in ("none", "mean", "lsq"):
+        model = copy.deepcopy(base)
+        dg, groups = G.build_groups(model)
+        ctx = I.CalibContext(model=model, images=calib)
+        ctx.in_stats = I.collect_input_stats(model, groups, calib)
+        scores = I.group_scores(groups, "act_var", ctx)
+        plan = P.uniform_plan(groups, 0.1, 8, 0.75)
+        P.apply_plan(model, dg, groups, plan, scores, ctx, bias_compensation=mode != "none", lsq=mode == "lsq")
         with torch.no_grad():
-            out = yolo.model.eval()(x)[0]
-        errs[comp] = P.distortion(out, ref, 80)
-    assert errs[True] < 0.7 * errs[False], errs
+            errs[mode] = P.distortion(model(x)[0], ref, 80)
+    assert errs["lsq"] < errs["mean"] < errs["none"], errs
 
 
 def test_taylor_and_every_criterion_score_each_channel(coco_pt):
@@ -248,10 +253,11 @@ def test_cli_prune(tiny_pt, tmp_path):
         pytest.skip("prune-pack console script not installed in this environment")
     out = tmp_path / "cli.pt"
     res = subprocess.run([str(exe), "prune", "--model", str(tiny_pt), "--ratio", "0.2", "--criterion", "l2", "--allocation", "uniform",
-                          "--imgsz", "64", "--out", str(out), "--json"], capture_output=True, text=True, timeout=180)
+                          "--imgsz", "64", "--compensation", "mean", "--out", str(out), "--json"], capture_output=True, text=True, timeout=180)
     assert res.returncode == 0, res.stderr[-2000:]
     got = json.loads(res.stdout.strip().splitlines()[-1])
     assert got["requested_ratio"] == 0.2 and 0 < got["achieved_ratio"] < 0.4 and got["widths"] and out.is_file()
+    assert got["bias_compensation"] == "mean" and got["criterion"] == "l2"
     res = subprocess.run([str(exe), "prune", "--model", str(tiny_pt), "--ratio", "1.5", "--out", str(out)],
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1 and "ratio" in res.stderr
