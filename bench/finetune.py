@@ -38,6 +38,8 @@ def main() -> None:
     ap.add_argument("--budget-min", type=float, default=6.0)
     ap.add_argument("--points", default="plain,distill")
     ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--pruned", help="reuse this pruned checkpoint instead of pruning again")
+    ap.add_argument("--skip-reference", action="store_true", help="do not validate the unpruned/pruned starting points")
     ap.add_argument("--out", default="bench/results/finetune.json")
     a = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-ft-"))
@@ -50,14 +52,19 @@ def main() -> None:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
         Path(a.out).write_text(json.dumps({"platform": platform.platform(), "args": vars(a), "rows": rows}, indent=1))
 
-    emit({"point": "unpruned", **_short(validate(a.model, a.data, imgsz=a.imgsz))})
-    t = time.monotonic()
-    yolo, info = prune_model(a.model, a.ratio, criterion=a.criterion, data_yaml=a.data, imgsz=a.imgsz,
-                               allocation=a.allocation, progress=False)
-    pruned = save_pruned(yolo, work / "pruned.pt", info)
-    emit({"point": "pruned, no fine-tuning", "prune_s": round(time.monotonic() - t, 1),
-          "criterion": info.get("criterion"), "achieved_ratio": info.get("achieved_ratio"), "params": info.get("params_after"),
-          "gflops": info.get("gflops_after"), **_short(validate(pruned, a.data, imgsz=a.imgsz))})
+    if not a.skip_reference:
+        emit({"point": "unpruned", **_short(validate(a.model, a.data, imgsz=a.imgsz))})
+    if a.pruned:
+        pruned = Path(a.pruned)
+    else:
+        t = time.monotonic()
+        yolo, info = prune_model(a.model, a.ratio, criterion=a.criterion, data_yaml=a.data, imgsz=a.imgsz,
+                                 allocation=a.allocation, progress=False)
+        pruned = save_pruned(yolo, work / "pruned.pt", info)
+        emit({"point": "pruned, no fine-tuning", "prune_s": round(time.monotonic() - t, 1), "pruned_pt": str(pruned),
+              "criterion": info.get("criterion"), "achieved_ratio": info.get("achieved_ratio"),
+              "params": info.get("params_after"), "gflops": info.get("gflops_after"),
+              **(_short(validate(pruned, a.data, imgsz=a.imgsz)) if not a.skip_reference else {})})
     for point in a.points.split(","):
         teacher = a.model if point == "distill" else None
         r = finetune(pruned, a.data, epochs=100, imgsz=a.imgsz, teacher=teacher, out=work / f"{point}.pt",

@@ -425,9 +425,14 @@ def search(
     base = levers[0]
     grid: list[Candidate] = []
 
+    all_ratios = sorted({round(float(r), 4) for r in ratios if r > 0})
+
     def result(chosen: Optional[Candidate], reason: str) -> SearchResult:
         lever = _lever_name(base, chosen) if chosen else None
-        return SearchResult(target_ms, percentile, chosen, lever, s.records, s.order, s.used, grid, reason)
+        # A full-width winner still gets its family's grid: if the shipped model misses on
+        # verification, the one step goes into pruning.
+        g = grid or ([dataclasses.replace(chosen, ratio=r) for r in all_ratios] if chosen and chosen.ratio == 0 else [])
+        return SearchResult(target_ms, percentile, chosen, lever, s.records, s.order, s.used, g, reason)
 
     try:
         for lv in levers:
@@ -988,7 +993,7 @@ def run_build(opts: BuildOptions) -> dict[str, Any]:
             last = ver.records[-1]["latency_ms"] if ver.records else None
             raise TargetUnreachable(
                 f"the fine-tuned model misses {opts.target_ms:g} ms at {opts.percentile} on the device "
-                f"({last:.1f} ms after {ver.steps} step toward more pruning); the target is at the edge of the noise: "
+                f"({last:.1f} ms{' after one step toward more pruning' if ver.steps else ''}); the target is at the edge of the noise: "
                 f"rerun, or set a slightly higher --target-ms; what could help: {_suggestions(opts, levers)}")
         chosen = ver.candidate
         final = work.state["final"][chosen.key]

@@ -22,7 +22,7 @@ class FinetuneSection:
     lr0: float = 0.002  # about 1/10 of Ultralytics' training lr
     batch: int = 16
     workers: int = 2  # dataloader workers
-    distill: bool = True  # distil from the unpruned model
+    distill: bool = False  # distil from the unpruned model (measured: no gain on short CPU budgets, see docs/benchmarks.md)
     distill_weight: float = 1.0
     patience: int = 0  # 0 = no early stopping
 

@@ -476,7 +476,8 @@ def iterative_prune_finetune(
         raise UserInputError(f"ratio {ratio}: expected a fraction in (0, 1)")
     if steps < 1 or epochs_per_step < 1:
         raise UserInputError("steps and epochs_per_step must be >= 1")
-    resolve_dataset(data_yaml, Path(tempfile.mkdtemp(prefix="prune-pack-it-")))  # fail on bad data before any work
+    with tempfile.TemporaryDirectory(prefix="prune-pack-it-") as tmp:
+        resolve_dataset(data_yaml, tmp)  # fail on bad data before any work
     step_ratio = 1.0 - (1.0 - ratio) ** (1.0 / steps)
     out = Path(out).expanduser()
     rounds: list[dict] = []

@@ -125,7 +125,10 @@ def test_interrupted_build_resumes_and_meets_a_target_between_pruned_and_unprune
     # 2) resume: the measured candidates are reused, the build completes
     r = _cli(args + ["--resume"], tmp_path)
     new_measured = [ln.split()[2].rstrip(":") for ln in r.stderr.splitlines() if ln.startswith("build: measured")]
-    assert not set(new_measured) & set(measured), "a candidate measured before the interruption was measured again"
+    # Reused, not re-measured: across both runs no candidate is measured more than 1 + 1 repeat times
+    # (a candidate left undecided by the interruption may get its one repeat after the resume).
+    for k in set(measured) | set(new_measured):
+        assert measured.count(k) + new_measured.count(k) <= 2, (k, measured, new_measured)
     if r.returncode == 5 and ("measurements were noisy" in r.stderr or "edge of the noise" in r.stderr):
         # Lenient on a loaded machine: the noise ate the measurement budget. Then the refusal must be
         # clean (nothing half-written, no state left to resume from a decided failure).
@@ -140,6 +143,9 @@ def test_interrupted_build_resumes_and_meets_a_target_between_pruned_and_unprune
     assert res["achieved_ms"] <= target and res["percentile"] == "p50"
     assert res["measurements"] <= 12
     report = json.loads((out / "report.json").read_text())
+    counts = {c["key"]: len(c["measurements"]) for c in report["candidates"] if not c.get("same_as")}
+    for k in measured:  # the measurements taken before the interruption are in the final report
+        assert counts[k] == measured.count(k) + new_measured.count(k)
     if res["ratio"] == 0:
         assert report["baseline_ms"] <= target  # noise made the unpruned model pass: then no pruning is right
     # no needless pruning: no measured candidate with less pruning also met the target

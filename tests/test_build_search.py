@@ -285,3 +285,10 @@ def test_the_verification_step_is_sized_by_the_miss():
     assert v.decision == PASS and v.steps == 1
     assert v.candidate.ratio > res.next_more_pruned().ratio >= chosen.ratio
     assert smooth(v.candidate) * drift * 1.01 <= 40.0
+
+
+def test_unpruned_winner_that_misses_on_verification_steps_into_pruning():
+    res = search(Device(smooth), [BASE], 62.0, "p95", RATIOS)  # 60 ms passes during the search
+    assert res.chosen == BASE and res.grid
+    v = verify(res, lambda c, s: None, lambda c: Measurement.of(smooth(c) * 1.1, (smooth(c) * 1.09, smooth(c) * 1.11)))
+    assert v.decision == PASS and v.steps == 1 and v.candidate.ratio > 0

@@ -261,3 +261,32 @@ def test_cli_prune(tiny_pt, tmp_path):
     res = subprocess.run([str(exe), "prune", "--model", str(tiny_pt), "--ratio", "1.5", "--out", str(out)],
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1 and "ratio" in res.stderr
+
+
+@pytest.mark.parametrize("cfg", ["yolov8s.yaml", "yolo11n.yaml"])
+def test_forced_zero_equivalence_other_families(cfg, bus_tensor):
+    """The same machinery on YOLOv8s widths and YOLO11 (C3k2, C2PSA kept whole, depthwise head)."""
+    import torch_pruning as tp
+    from ultralytics.nn.tasks import DetectionModel
+
+    torch.manual_seed(0)
+    model = G.make_prunable(DetectionModel(cfg, nc=3, verbose=False).eval())
+    _randomize_bn(model)
+    dg, groups = G.build_groups(model)
+    assert len(groups) > 20
+    with torch.no_grad():
+        chosen = {}
+        for g in groups:
+            chosen[g.name] = k = g.size // 2
+            for conv, bn, _, idxs, roots in g.producers:
+                j = idxs[roots.index(k)]
+                conv.weight[j] = 0
+                if bn is not None:
+                    bn.weight[j] = 0
+                    bn.bias[j] = 0
+        zeroed = model(bus_tensor)[0]
+    for g in groups:
+        dg.get_pruning_group(g.root, tp.prune_conv_out_channels, [chosen[g.name]]).prune()
+    with torch.no_grad():
+        pruned = model(bus_tensor)[0]
+    torch.testing.assert_close(pruned, zeroed, rtol=1e-4, atol=1e-3)
