@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     md = [
         "# Benchmark: `prune-pack build --target-ms` (latency-targeted search)", "",
         f"Command: `{cmd.strip()}`  ",
-        f"Model {Path(a.model).name}, data {a.data} (coco128: its val split is its train split), imgsz {a.imgsz}, "
+        f"Model {Path(a.model).name}, data {a.data} (coco128: val = 128 COCO val2017 images), imgsz {a.imgsz}, "
         f"{a.threads} threads, ORT FP32, p95, {a.runs} runs per measurement, fine-tune {a.epochs} epoch(s) "
         f"(fraction {a.fraction}), allocation {a.allocation}; device = this machine (local profiler).  ",
         f"Machine: {machine}. Shared with other jobs while measuring: latencies are noisy; each target is a "

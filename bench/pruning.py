@@ -23,10 +23,11 @@ from pathlib import Path
 os.environ.setdefault("YOLO_OFFLINE", "1")
 
 
-def export_onnx(pt: Path, imgsz: int) -> Path:
-    from ultralytics import YOLO
+def export_onnx(pt: Path, imgsz: int, out_dir: Path) -> Path:
+    """The product's exporter: works on a temp copy, so nothing is written beside ``pt``."""
+    from prune_pack.deploy.export import export_onnx as product_export
 
-    return Path(YOLO(str(pt)).export(format="onnx", imgsz=imgsz, simplify=True, verbose=False))
+    return product_export(pt, out_dir / f"{pt.stem}-{imgsz}.onnx", imgsz=imgsz)
 
 
 def interleaved_p50(onnx_paths: list[Path], imgsz: int, threads: int, rounds: int, runs: int) -> list[float]:
@@ -53,11 +54,9 @@ def interleaved_p50(onnx_paths: list[Path], imgsz: int, threads: int, rounds: in
 
 
 def val_map(pt: Path, data: Path, imgsz: int) -> float:
-    from ultralytics import YOLO
+    from prune_pack.pruning.finetune import validate
 
-    r = YOLO(str(pt)).val(data=str(data), imgsz=imgsz, batch=16, plots=False, verbose=False, workers=0,
-                          project=str(pt.parent / "val"), name=pt.stem, exist_ok=True)
-    return round(float(r.box.map), 4)
+    return round(float(validate(pt, data, imgsz=imgsz)["map50_95"]), 4)
 
 
 def main() -> None:
@@ -107,7 +106,7 @@ def main() -> None:
     for row, pt in points:
         row["map_pruned"] = val_map(pt, data, a.imgsz)
         print(json.dumps(row), file=sys.stderr, flush=True)
-    onnx = [export_onnx(base, a.imgsz)] + [export_onnx(pt, a.imgsz) for _, pt in points]
+    onnx = [export_onnx(base, a.imgsz, out)] + [export_onnx(pt, a.imgsz, out) for _, pt in points]
     p50 = interleaved_p50(onnx, a.imgsz, a.threads, a.rounds, a.runs)
     for (row, _), p in zip(points, p50[1:]):
         row["p50_ms"] = round(p, 2)

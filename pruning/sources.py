@@ -81,18 +81,60 @@ def resolve_dataset(data: str | Path, workdir: str | Path) -> Path:
         names = dict(enumerate(names))
     if not isinstance(names, dict) or not names:
         raise UserInputError(f"dataset yaml {data}: 'names' (class names) is missing or empty")
-    cfg["path"] = str(root)
     cfg["names"] = {int(k): str(v) for k, v in names.items()}
     cfg["nc"] = len(cfg["names"])
     out_dir = Path(workdir)
     out_dir.mkdir(parents=True, exist_ok=True)
     # Stable name per source so that repeated runs reuse the same file.
     tag = hashlib.sha256(str(p.resolve()).encode()).hexdigest()[:8]
+    if _read_only(root):
+        root = _mirror(root, cfg, out_dir / f"{p.stem}-{tag}-mirror")
+    cfg["path"] = str(root)
     out = out_dir / f"{p.stem}-{tag}.yaml"
     tmp = out.with_suffix(".yaml.tmp")
     tmp.write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
     os.replace(tmp, out)
     return out
+
+
+def _read_only(root: Path) -> bool:
+    """No write bit on the dataset folder: a mounted or shipped copy we must not touch.
+
+    Checked on the mode, not with os.access: root passes os.access and would litter the
+    dataset with Ultralytics' label caches."""
+    return not (root.stat().st_mode & 0o222)
+
+
+def _mirror(root: Path, cfg: dict, dest: Path) -> Path:
+    """A writable mirror of a read-only dataset: per-file image symlinks, copied label files.
+
+    Ultralytics writes ``labels/<split>.cache`` beside the labels it reads and resolves
+    directory paths, so only a real folder of per-file links keeps the cache out of ``root``.
+    """
+    import shutil
+
+    for split in ("train", "val", "test"):
+        entries = cfg.get(split)
+        for entry in entries if isinstance(entries, list) else [entries] if entries else []:
+            src = root / entry
+            if Path(entry).is_absolute() or not src.is_dir() or "images" not in Path(entry).parts:
+                continue  # absolute paths and .txt lists are used as given
+            parts = list(Path(entry).parts)
+            i = len(parts) - 1 - parts[::-1].index("images")
+            lbl = Path(*parts[:i], "labels", *parts[i + 1:])
+            for img in src.rglob("*"):
+                if img.is_file():
+                    link = dest / entry / img.relative_to(src)
+                    if not link.exists():
+                        link.parent.mkdir(parents=True, exist_ok=True)
+                        link.symlink_to(img)
+            if (root / lbl).is_dir():
+                for txt in (root / lbl).rglob("*.txt"):
+                    copy = dest / lbl / txt.relative_to(root / lbl)
+                    if not copy.exists():
+                        copy.parent.mkdir(parents=True, exist_ok=True)
+                        shutil.copyfile(txt, copy)
+    return dest
 
 
 def dataset_images(data_yaml: str | Path, split: str = "val", limit: int | None = None) -> list[Path]:

@@ -76,3 +76,26 @@ def test_model_checks(tmp_path):
     onnx.write_bytes(b"x")
     with pytest.raises(UserInputError, match="expected an Ultralytics .pt"):
         resolve_model(onnx)
+
+
+def test_read_only_dataset_is_mirrored_so_caches_land_elsewhere(tmp_path):
+    """Ultralytics writes labels/<split>.cache beside the labels; a read-only dataset (like
+    ../shared on CI) must get a writable mirror instead, with the same images and labels."""
+    ds = tmp_path / "ds"
+    data = _dataset(ds)
+    for split in ("train", "val"):
+        (ds / "labels" / split).mkdir(parents=True)
+        (ds / "labels" / split / "a.txt").write_text("0 0.5 0.5 0.2 0.2\n")
+    for d in sorted(ds.rglob("*"), reverse=True) + [ds]:
+        d.chmod(d.stat().st_mode & ~0o222)
+    try:
+        out = resolve_dataset(data, tmp_path / "work")
+        root = Path(yaml.safe_load(out.read_text())["path"])
+        assert root.is_relative_to(tmp_path / "work")
+        img = root / "images" / "val" / "a.jpg"
+        assert img.is_symlink() and img.resolve() == (ds / "images" / "val" / "a.jpg").resolve()
+        assert (root / "labels" / "val" / "a.txt").read_text() == "0 0.5 0.5 0.2 0.2\n"
+        assert dataset_images(out, "val") == [img]
+    finally:
+        for d in [ds] + sorted(ds.rglob("*")):
+            d.chmod(d.stat().st_mode | 0o200)
