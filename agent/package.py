@@ -44,6 +44,14 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from prune_pack import __version__
 from prune_pack.errors import PackageRejected, UserInputError
 
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
 MANIFEST_SCHEMA = 1
 MANIFEST = "manifest.json"
 MODEL = "model.onnx"

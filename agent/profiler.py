@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
-import hashlib
 import math
 import os
 import platform
@@ -28,6 +27,7 @@ import numpy as np
 import psutil
 
 from prune_pack.agent import backends as be
+from prune_pack.agent.package import sha256_file
 from prune_pack.errors import PrunePackError, UserInputError
 
 QUANTILES = {"p50": 0.50, "p90": 0.90, "p95": 0.95, "p99": 0.99}
@@ -104,14 +104,6 @@ def latency_stats(latencies_ms: Sequence[float], level: float = CI_LEVEL) -> dic
 
 
 # ---------------------------------------------------------------- context
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _read(path: str) -> Optional[str]:
@@ -387,7 +379,7 @@ def profile_model(model: str | Path, threads: int = 2, warmup: int = 10, runs: i
     _check_counts(threads, warmup, runs, seconds)
     name = be.resolve_backend(backends[0], precisions[0] if precisions else None)
     with open_model(model, trusted_keys, revoked_keys, allow_unsigned, max_bytes) as (onnx_path, facts):
-        sha = file_sha256(onnx_path)
+        sha = sha256_file(onnx_path)
         out = _profile_path(onnx_path, sha, name, precisions[0] if precisions else None, threads, warmup, runs,
                             seconds, images, cache_dir)
     _mark_validated(out, facts)
@@ -437,7 +429,7 @@ def profile_all(model: str | Path, backends: Optional[Sequence[str]] = None, pre
     results: list[dict[str, Any]] = []
     skipped: list[dict[str, str]] = []
     with open_model(model, trusted_keys, revoked_keys, allow_unsigned, max_bytes) as (onnx_path, facts):
-        sha = file_sha256(onnx_path)
+        sha = sha256_file(onnx_path)
         file_prec = be.model_precision(onnx_path)
         for b in names:
             if b not in be.available_backends():

@@ -73,7 +73,8 @@ def main() -> int:
     args = ap.parse_args()
 
     from prune_pack.agent import backends as be
-    from prune_pack.agent.profiler import device_context, file_sha256, latency_stats, measure, random_input
+    from prune_pack.agent.package import sha256_file
+    from prune_pack.agent.profiler import device_context, latency_stats, measure, random_input
 
     int8 = args.int8
     if int8 is None and args.calib:
@@ -113,7 +114,7 @@ def main() -> int:
         rows.append({"file": c["file"], "backend": c["backend"], "precision": c["precision"],
                      "inference_precision": info.get("inference_precision"), "p50_ms": s["p50_ms"],
                      "p50_ci_ms": s["p50_ci_ms"], "p90_ms": s["p90_ms"], "mean_ms": s["mean_ms"], "runs": len(c["lat"]),
-                     "load_s": c["load_s"], "sha256": file_sha256(c["path"])[:12]})
+                     "load_s": c["load_s"], "sha256": sha256_file(c["path"])[:12]})
     print(f"model {args.onnx.name}, input {list(configs[0]['session'].input_shape)}, {args.threads} threads, "
           f"{ctx['cpu_model']}, flags {ctx['cpu_flags']}, loadavg after {ctx['loadavg']}, {time.time() - t_start:.0f} s\n")
     print("| file | backend | precision | OV exec precision | p50 ms | p50 95% CI | p90 ms | mean ms | runs |")

@@ -92,11 +92,11 @@ def main(argv: list[str] | None = None) -> int:
                                 sign=None)
             t1 = time.monotonic()
             try:
-                res = run_build(opts)
+                run_build(opts)
                 rep = json.loads((out / "report.json").read_text())
                 err = None
             except Exception as e:  # noqa: BLE001 - a failed target is a bench result, not a crash
-                res, rep, err = {}, {}, f"{type(e).__name__}: {e}"
+                rep, err = {}, f"{type(e).__name__}: {e}"
             minutes = (time.monotonic() - t1) / 60
             row = {"factor": f, "target_ms": target, "unpruned_ref_ms": round(base_p95, 2), "error": err, "minutes": round(minutes, 2)}
             if rep:

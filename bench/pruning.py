@@ -119,7 +119,7 @@ def main() -> None:
                 continue
             for distill in (False, True):
                 key = "map_ft_distill" if distill else "map_ft"
-                res = finetune(pt, a.data, epochs=max(1, a.finetune_epochs), imgsz=a.finetune_imgsz,
+                finetune(pt, a.data, epochs=max(1, a.finetune_epochs), imgsz=a.finetune_imgsz,
                                teacher=base if distill else None, out=out / f"{pt.stem}-ft{'-kd' if distill else ''}.pt",
                                progress=False, time_budget_min=a.finetune_minutes, measure_before=False)
                 row[key] = val_map(out / f"{pt.stem}-ft{'-kd' if distill else ''}.pt", data, a.imgsz)

@@ -32,7 +32,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Hashable, Iterable, Optional, Sequence
+from typing import Any, Callable, Hashable, Optional, Sequence
 
 from prune_pack.errors import PrunePackError, TargetUnreachable, UserInputError
 

@@ -1,7 +1,7 @@
 """The pruned checkpoint: a normal Ultralytics ``.pt`` plus a ``prune_pack`` record.
 
 Layout (what ``finetune.py`` and ``deploy/`` rely on):
-- ``model``: the pruned ``DetectionModel`` itself (fp16, as Ultralytics saves), pickled with its
+- ``model``: the pruned ``DetectionModel`` itself (FP32, see ``write_checkpoint``), pickled with its
   real widths; C2f blocks are ``prune_pack.pruning.graph.C2fPrunable``. Never rebuild it from
   ``model.yaml`` (that yaml describes the *unpruned* architecture).
 - ``train_args``, ``date``, ``version``, ``license``, ``docs``, ``epoch`` (-1), ``ema``/``optimizer``
@@ -26,21 +26,24 @@ from prune_pack.errors import UserInputError
 FORMAT = 1
 
 
-def save_pruned(yolo: Any, path: str | Path, provenance: dict) -> Path:
-    """Write ``yolo`` (an ``ultralytics.YOLO`` holding a pruned model) as a loadable checkpoint."""
+def write_checkpoint(model: torch.nn.Module, path: str | Path, train_args: dict, extra: dict) -> Path:
+    """Write ``model`` as an FP32 Ultralytics checkpoint (what ``YOLO(path)`` loads), atomically.
+
+    FP32 rather than Ultralytics' fp16: the bias compensation and fine-tuning results must not be
+    rounded away before export. ``extra`` adds keys (``prune_pack``, ``finetune``, ...).
+    """
     from ultralytics import __version__
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    model = copy.deepcopy(yolo.model).half().to(memory_format=torch.contiguous_format)
+    model = copy.deepcopy(model).float().eval().to(memory_format=torch.contiguous_format)
     for p in model.parameters():
         p.requires_grad_(False)
-    # Drop calibration leftovers that must not be pickled (criterion holds a model reference).
-    for attr in ("criterion",):
-        if hasattr(model, attr):
-            setattr(model, attr, None)
-    train_args = dict(getattr(yolo, "ckpt", {}).get("train_args", {}) or {})
-    train_args.update({"model": str(path), "task": "detect"})
+    if hasattr(model, "args") and not isinstance(model.args, dict):
+        model.args = dict(vars(model.args))
+    # Calibration/training leftovers must not be pickled (the criterion holds a model reference).
+    if hasattr(model, "criterion"):
+        model.criterion = None
     ckpt = {
         "date": datetime.now(timezone.utc).isoformat(),
         "version": __version__,
@@ -53,12 +56,20 @@ def save_pruned(yolo: Any, path: str | Path, provenance: dict) -> Path:
         "updates": None,
         "optimizer": None,
         "train_args": train_args,
-        "prune_pack": {"format": FORMAT, "widths": provenance.get("widths", {}), "provenance": provenance},
+        **extra,
     }
-    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp = path.with_name(path.name + ".tmp")
     torch.save(ckpt, tmp)
     tmp.replace(path)
     return path
+
+
+def save_pruned(yolo: Any, path: str | Path, provenance: dict) -> Path:
+    """Write ``yolo`` (an ``ultralytics.YOLO`` holding a pruned model) as a loadable checkpoint."""
+    train_args = dict(getattr(yolo, "ckpt", {}).get("train_args", {}) or {})
+    train_args.update({"model": str(path), "task": "detect"})
+    record = {"format": FORMAT, "widths": provenance.get("widths", {}), "provenance": provenance}
+    return write_checkpoint(yolo.model, path, train_args, {"prune_pack": record})
 
 
 def load_checkpoint(path: str | Path) -> tuple[Any, dict]:

@@ -415,36 +415,13 @@ def _train(model: nn.Module, data: Path, epochs: int, imgsz: int, teacher: Optio
 
 
 def save_checkpoint(model: nn.Module, out: Union[str, Path], source_ckpt: dict, record: dict, train_args: dict) -> Path:
-    """Write ``model`` as an FP32 Ultralytics checkpoint (loadable by ``YOLO(out)``), atomically."""
-    from ultralytics import __version__ as ul_version
+    """Write ``model`` as an FP32 Ultralytics checkpoint keeping the source's pruning record."""
+    from prune_pack.pruning.checkpoint import write_checkpoint
 
-    model = copy.deepcopy(model).float().eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    if hasattr(model, "args") and not isinstance(model.args, dict):
-        model.args = dict(vars(model.args))
-    model.criterion = None
-    ckpt: dict[str, Any] = {
-        "date": _dt.datetime.now().astimezone().isoformat(),
-        "version": ul_version,
-        "epoch": -1,
-        "best_fitness": None,
-        "model": model,
-        "ema": None,
-        "updates": None,
-        "optimizer": None,
-        "train_args": train_args,
-        "train_metrics": record.get("metrics_after"),
-        "finetune": record,
-    }
+    extra: dict[str, Any] = {"train_metrics": record.get("metrics_after"), "finetune": record}
     if "prune_pack" in source_ckpt:
-        ckpt["prune_pack"] = source_ckpt["prune_pack"]
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    torch.save(ckpt, tmp)
-    os.replace(tmp, out)
-    return out
+        extra["prune_pack"] = source_ckpt["prune_pack"]
+    return write_checkpoint(model, out, train_args, extra)
 
 
 def iterative_prune_finetune(

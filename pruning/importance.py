@@ -89,6 +89,19 @@ def bundled_images() -> list[Path]:
 
 
 @torch.no_grad()
+def run_with_input_hooks(model: nn.Module, convs, hook: Callable, images: torch.Tensor, batch: int = 8) -> None:
+    """Run ``images`` through ``model`` in eval mode with ``hook`` seeing every input of ``convs``."""
+    handles = [c.register_forward_pre_hook(hook) for c in convs]
+    try:
+        model.eval()
+        for i in range(0, len(images), batch):
+            model(images[i : i + batch])
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@torch.no_grad()
 def collect_input_stats(model: nn.Module, groups: list[ChannelGroup], images: torch.Tensor, batch: int = 8) -> dict:
     """Mean and variance of every input channel of every consumer conv, over images and positions."""
     convs = {c for g in groups for c, _, _ in g.consumers}
@@ -101,14 +114,7 @@ def collect_input_stats(model: nn.Module, groups: list[ChannelGroup], images: to
         a[1] = a[1] + (x * x).sum((0, 2, 3))
         a[2] += x.shape[0] * x.shape[2] * x.shape[3]
 
-    handles = [c.register_forward_pre_hook(hook) for c in convs]
-    try:
-        model.eval()
-        for i in range(0, len(images), batch):
-            model(images[i : i + batch])
-    finally:
-        for h in handles:
-            h.remove()
+    run_with_input_hooks(model, convs, hook, images, batch)
     stats = {}
     for c, (s, ss, n) in acc.items():
         mean = s / n

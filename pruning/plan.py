@@ -24,7 +24,7 @@ import torch.nn as nn
 
 from prune_pack.errors import UserInputError
 from prune_pack.pruning.graph import ChannelGroup
-from prune_pack.pruning.importance import CalibContext
+from prune_pack.pruning.importance import CalibContext, run_with_input_hooks
 
 ProgressFn = Callable[[str], None]
 
@@ -370,14 +370,7 @@ def reconstruct(model: nn.Module, removals: list[tuple[ChannelGroup, torch.Tenso
         gram[mod] = gram.get(mod, 0) + cols.T @ cols
         count[mod] = count.get(mod, 0) + cols.shape[0]
 
-    handles = [c.register_forward_pre_hook(hook) for c in todo]
-    try:
-        model.eval()
-        for i in range(0, len(images), batch):
-            model(images[i : i + batch])
-    finally:
-        for h in handles:
-            h.remove()
+    run_with_input_hooks(model, todo, hook, images, batch)
     bns = _owner_bn(model)
     for conv, gone in todo.items():
         kk = conv.kernel_size[0] * conv.kernel_size[1]

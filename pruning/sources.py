@@ -14,18 +14,11 @@ from typing import Any
 
 import yaml
 
+from prune_pack.agent.package import sha256_file  # noqa: F401 - re-exported for host modules
 from prune_pack.errors import OfflineError, UserInputError
 
 # Must be set before ultralytics is imported anywhere in the process.
 os.environ.setdefault("YOLO_OFFLINE", "1")
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def resolve_model(model: str | Path) -> Path:

@@ -15,7 +15,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("ultralytics")
 pytest.importorskip("torch_pruning")
 
-from conftest import bus_jpg, shared_path  # noqa: E402
+from conftest import bus_jpg  # noqa: E402
 
 from prune_pack.errors import UserInputError  # noqa: E402
 from prune_pack.pruning import graph as G  # noqa: E402
