@@ -20,15 +20,9 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
-from prune_pack.errors import PrunePackError, UserInputError
+from prune_pack.errors import ParityError, PrunePackError, UserInputError
 
 os.environ.setdefault("YOLO_OFFLINE", "1")
-
-
-class ParityError(PrunePackError):
-    """The exported ONNX model does not compute what the PyTorch model computes."""
-
-    exit_code = 6
 
 
 def _log(msg: str) -> None:

@@ -23,13 +23,7 @@ from typing import Any, Iterable, Literal, Optional, Sequence
 
 import numpy as np
 
-from prune_pack.errors import PrunePackError, UserInputError
-
-
-class AccuracyGateError(PrunePackError):
-    """A quantized model lost more accuracy than allowed; it must not ship."""
-
-    exit_code = 7
+from prune_pack.errors import AccuracyGateError, PrunePackError, UserInputError
 
 
 def int8_gate(fp32_map: float, int8_map: float, max_drop: float = 0.010, what: str = "INT8") -> float:

@@ -21,17 +21,11 @@ from typing import Any, Optional
 
 from prune_pack.agent.mqtt import Topics, make_client, redact
 from prune_pack.agent.settings import MqttSection
-from prune_pack.errors import PackageRejected, PrunePackError, UserInputError
+from prune_pack.errors import DeviceUnavailable, PackageRejected, PrunePackError, UserInputError
 
 MiB = 1024 * 1024
 CONNECT_TIMEOUT_S = 10.0
 STATUS_WAIT_S = 3.0  # how long to wait for the retained status after subscribing
-
-
-class DeviceUnavailable(PrunePackError):
-    """The device is not online (lost, offline, never seen) or did not answer in time."""
-
-    exit_code = 6
 
 
 class RemoteCommandError(PrunePackError):

@@ -50,3 +50,21 @@ class TargetUnreachable(PrunePackError):
     """The build could not meet its latency target."""
 
     exit_code = 5
+
+
+class ParityError(PrunePackError):
+    """The exported ONNX model does not compute what the PyTorch model computes."""
+
+    exit_code = 6
+
+
+class AccuracyGateError(PrunePackError):
+    """A quantized (or other-precision) model lost more accuracy than allowed; it must not ship."""
+
+    exit_code = 7
+
+
+class DeviceUnavailable(PrunePackError):
+    """The device is not online (lost, offline, never seen) or did not answer in time."""
+
+    exit_code = 8

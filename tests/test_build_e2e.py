@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from prune_pack.errors import DeviceUnavailable
+
 pytest.importorskip("torch")
 pytest.importorskip("ultralytics")
 
@@ -273,7 +275,7 @@ def test_remote_device_that_does_not_answer_is_a_clear_error(tiny, broker, tmp_p
     out = tmp_path / "out"
     r = _cli(["--model", str(pt), "--data", str(data), "--target-ms", "50", "--imgsz", str(IMGSZ),
               "--config", str(host), "--device", "ghost-1", "--broker", broker.url, "--out", str(out)], tmp_path)
-    assert r.returncode == 6, r.stderr[-2000:]
+    assert r.returncode == DeviceUnavailable.exit_code, r.stderr[-2000:]
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith("prune-pack: error: device default/ghost-1") and "never reported" in last
     assert not list(out.glob("*.ppk")) and not (out / "report.json").exists()

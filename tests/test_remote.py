@@ -100,4 +100,4 @@ def test_cli_deploy_and_devices(broker, device, tmp_path, capsys):
                  "--broker", broker.url]) == PackageRejected.exit_code
     err = capsys.readouterr().err
     assert "unsigned" in err and len(err.strip().splitlines()) == 1
-    assert main(["deploy", str(pkg), "--device", "nobody", "--config", str(cfg), "--broker", broker.url]) == 6
+    assert main(["deploy", str(pkg), "--device", "nobody", "--config", str(cfg), "--broker", broker.url]) == DeviceUnavailable.exit_code
