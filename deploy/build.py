@@ -689,7 +689,8 @@ class _Pipeline:
             yolo, info = prune_model(self.model_pt, ratio, criterion=self.opts.criterion or pc.criterion,
                                      data_yaml=self.data_yaml, imgsz=self.opts.imgsz, allocation=pc.allocation,
                                      max_layer_ratio=pc.max_layer_ratio, round_to=pc.round_to,
-                                     calib_images=pc.calib_images, bias_compensation=pc.bias_compensation)
+                                     calib_images=pc.calib_images, bias_compensation=pc.compensation != "none",
+                                     reconstruct=pc.compensation == "lsq")
             d.mkdir(parents=True, exist_ok=True)
             save_pruned(yolo, pt, info)
             info_path.write_text(json.dumps(info, default=str))

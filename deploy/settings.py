@@ -12,8 +12,10 @@ class PruneSection:
     max_layer_ratio: float = 0.75  # no layer loses more than this share of its channels
     round_to: int = 8  # prunable widths are multiples of this (SIMD); small layers are kept whole
     calib_images: int = 32  # images used by data-aware criteria, sensitivity and bias compensation
-    bias_compensation: bool = True  # fold removed channels' mean activation into consumers' bias
-    allocation: Literal["uniform", "sensitivity"] = "sensitivity"
+    # How consumers make up for removed channels: least-squares refit of the kept weights and bias
+    # (measured best), the removed channels' mean activation folded into the bias, or nothing.
+    compensation: Literal["lsq", "mean", "none"] = "lsq"
+    allocation: Literal["uniform", "global", "sensitivity"] = "sensitivity"
 
 
 @dataclass

@@ -163,12 +163,10 @@ def cli_prune(args: argparse.Namespace, cfg: Any) -> dict:
     allocation = args.allocation or (sec.allocation if sec else "sensitivity")
     kwargs = {}
     if sec is not None:
-        kwargs = {"max_layer_ratio": sec.max_layer_ratio, "round_to": sec.round_to, "calib_images": sec.calib_images,
-                  "bias_compensation": sec.bias_compensation}
-    comp = getattr(args, "compensation", None)
-    if comp is not None:
-        kwargs["bias_compensation"] = comp != "none"
-        kwargs["reconstruct"] = comp == "lsq"
+        kwargs = {"max_layer_ratio": sec.max_layer_ratio, "round_to": sec.round_to, "calib_images": sec.calib_images}
+    comp = getattr(args, "compensation", None) or (sec.compensation if sec else "lsq")
+    kwargs["bias_compensation"] = comp != "none"
+    kwargs["reconstruct"] = comp == "lsq"
     out = Path(args.out)
     if out.suffix != ".pt":
         raise UserInputError(f"--out {args.out}: expected a .pt path")
