@@ -28,6 +28,15 @@ CONNECT_TIMEOUT_S = 10.0
 STATUS_WAIT_S = 3.0  # how long to wait for the retained status after subscribing
 
 
+def _json_object(payload: bytes) -> Optional[dict]:
+    """A message's JSON object, or None for anything else (foreign or broken messages are ignored)."""
+    try:
+        body = json.loads(payload)
+    except ValueError:
+        return None
+    return body if isinstance(body, dict) else None
+
+
 class RemoteCommandError(PrunePackError):
     """The device answered ``ok: false``; ``reason`` is the device's stable code."""
 
@@ -124,11 +133,8 @@ class RemoteDevice:
             self.client = None
 
     def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
-        try:
-            body = json.loads(msg.payload)
-        except ValueError:
-            return
-        if not isinstance(body, dict):
+        body = _json_object(msg.payload)
+        if body is None:
             return
         with self._cond:
             if msg.topic == self.topics.status:
@@ -233,11 +239,8 @@ def fleet(mqtt: MqttSection, wait_s: float = 2.0, broker: Optional[str] = None) 
         parts = msg.topic.split("/")
         if len(parts) != 4:
             return
-        try:
-            body = json.loads(msg.payload)
-        except ValueError:
-            return
-        if not isinstance(body, dict):
+        body = _json_object(msg.payload)
+        if body is None:
             return
         with lock:
             entry = seen.setdefault((parts[1], parts[2]), {"site": parts[1], "device": parts[2]})
