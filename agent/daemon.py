@@ -41,7 +41,7 @@ from prune_pack.agent.settings import (
     StreamSection,
 )
 from prune_pack.agent.store import ModelStore, StoredModel, StoreError
-from prune_pack.errors import PackageRejected, PrunePackError
+from prune_pack.errors import PackageRejected, PrunePackError, ReasonedError
 
 log = logging.getLogger("prune_pack.agent.daemon")
 
@@ -69,13 +69,8 @@ ARGS: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
 LIMITS = {"threads": (0, 256), "warmup": (0, 1000), "runs": (1, 10000), "seconds": (0.01, 600.0)}
 
 
-class CommandError(PrunePackError):
+class CommandError(ReasonedError):
     """A command that fails with a stable ``reason`` (sent in the answer) and a detail."""
-
-    def __init__(self, reason: str, detail: str = "") -> None:
-        self.reason = reason
-        self.detail = detail
-        super().__init__(f"{reason}: {detail}" if detail else reason)
 
 
 # ---------------------------------------------------------------------- sd_notify

@@ -267,12 +267,14 @@ def _locked_registry(registry: Union[str, os.PathLike, None]) -> Iterator[tuple[
             fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
 
 
-def _atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+@contextlib.contextmanager
+def _atomic_file(path: Path, mode: int = 0o644) -> Iterator[IO[bytes]]:
+    """A binary file that appears at ``path`` complete or not at all (temp + fsync + rename)."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -281,6 +283,11 @@ def _atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
             os.unlink(tmp)
         raise
     _fsync_dir(path.parent)
+
+
+def _atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
+    with _atomic_file(path, mode) as f:
+        f.write(data)
 
 
 def _fsync_dir(d: Path) -> None:
@@ -439,39 +446,28 @@ def write_package(
         m["version"] = next_version(m["name"], registry)
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o644)
-        with os.fdopen(fd, "wb") as f:
-            with zipfile.ZipFile(f, "w", allowZip64=True) as zf:
-                # The model goes first and is hashed in the same pass that copies it, so the
-                # manifest describes exactly the bytes in the archive even if the file changes.
-                # Stored: weights barely compress, and stored members stream at disk speed.
-                h, size = hashlib.sha256(), 0
-                big = onnx_path.stat().st_size > 0x7FFF0000
-                with open(onnx_path, "rb") as src, zf.open(_zipinfo(MODEL, zipfile.ZIP_STORED), "w", force_zip64=big) as dst:
-                    for chunk in iter(lambda: src.read(_CHUNK), b""):
-                        h.update(chunk)
-                        size += len(chunk)
-                        dst.write(chunk)
-                m["sha256"], m["size"] = h.hexdigest(), size
-                problem = _manifest_problem(m)
-                if problem:
-                    raise UserInputError(f"invalid manifest: {problem}")
-                manifest_bytes = (json.dumps(m, indent=2, sort_keys=True, allow_nan=False) + "\n").encode("utf-8")
-                if len(manifest_bytes) > MAX_MANIFEST_BYTES:
-                    raise UserInputError(f"manifest is {len(manifest_bytes)} bytes; the limit is {MAX_MANIFEST_BYTES}")
-                _add(zf, MANIFEST, manifest_bytes, zipfile.ZIP_DEFLATED)
-                if key is not None:
-                    _add(zf, SIGNATURE, base64.b64encode(key.sign(manifest_bytes)) + b"\n", zipfile.ZIP_STORED)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, out)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(out.parent)
+    with _atomic_file(out) as f:
+        with zipfile.ZipFile(f, "w", allowZip64=True) as zf:
+            # The model goes first and is hashed in the same pass that copies it, so the
+            # manifest describes exactly the bytes in the archive even if the file changes.
+            # Stored: weights barely compress, and stored members stream at disk speed.
+            h, size = hashlib.sha256(), 0
+            big = onnx_path.stat().st_size > 0x7FFF0000
+            with open(onnx_path, "rb") as src, zf.open(_zipinfo(MODEL, zipfile.ZIP_STORED), "w", force_zip64=big) as dst:
+                for chunk in iter(lambda: src.read(_CHUNK), b""):
+                    h.update(chunk)
+                    size += len(chunk)
+                    dst.write(chunk)
+            m["sha256"], m["size"] = h.hexdigest(), size
+            problem = _manifest_problem(m)
+            if problem:
+                raise UserInputError(f"invalid manifest: {problem}")
+            manifest_bytes = (json.dumps(m, indent=2, sort_keys=True, allow_nan=False) + "\n").encode("utf-8")
+            if len(manifest_bytes) > MAX_MANIFEST_BYTES:
+                raise UserInputError(f"manifest is {len(manifest_bytes)} bytes; the limit is {MAX_MANIFEST_BYTES}")
+            _add(zf, MANIFEST, manifest_bytes, zipfile.ZIP_DEFLATED)
+            if key is not None:
+                _add(zf, SIGNATURE, base64.b64encode(key.sign(manifest_bytes)) + b"\n", zipfile.ZIP_STORED)
     return out
 
 

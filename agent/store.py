@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from prune_pack.agent.package import sha256_file
-from prune_pack.errors import PrunePackError
+from prune_pack.errors import ReasonedError
 
 log = logging.getLogger("prune_pack.agent.store")
 
@@ -37,13 +37,8 @@ INDEX = ".files.json"
 KEEP_EXTRA = 3  # stored models kept besides active and previous (for `activate`)
 
 
-class StoreError(PrunePackError):
+class StoreError(ReasonedError):
     """A store operation that cannot be done; ``reason`` is a stable code for MQTT answers."""
-
-    def __init__(self, reason: str, detail: str = "") -> None:
-        self.reason = reason
-        self.detail = detail
-        super().__init__(f"{reason}: {detail}" if detail else reason)
 
 
 def fsync_dir(path: Path) -> None:

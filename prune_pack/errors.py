@@ -9,6 +9,15 @@ class PrunePackError(Exception):
     exit_code = 1
 
 
+class ReasonedError(PrunePackError):
+    """An error with a stable machine-readable ``reason`` code (sent in MQTT answers) and a detail."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        self.reason = reason
+        self.detail = detail
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+
+
 class UserInputError(PrunePackError):
     """Bad input: a missing file, a wrong flag value, an invalid config."""
 
