@@ -1,9 +1,12 @@
-"""What a fixed CPU budget of fine-tuning buys a pruned YOLOv8n (distillation on/off).
+"""What a fixed CPU budget of fine-tuning buys a pruned YOLOv8n, per recovery method.
 
-Prunes yolov8n-coco once (project pruner, fixed settings), then fine-tunes it on coco128 train
-(128 images) for a fixed wall-clock budget per point through ``prune_pack.pruning.finetune``,
-and validates on coco128 val (128 COCO val2017 images the model never trained on).
-Usage: python bench/finetune.py --imgsz 320 --budget-min 6 --out bench/results/finetune.json
+Prunes yolov8n-coco once (project pruner, fixed settings), then recovers it on coco128 train
+(128 images) for a fixed wall-clock budget per point and validates on coco128 val (128 COCO
+val2017 images the model never trained on). Points:
+- ``labels``: Ultralytics' supervised trainer (``pruning.finetune.finetune``);
+- ``labels-kd``: the same plus Ultralytics' feature distillation from the unpruned model;
+- ``distill``: output distillation from the unpruned model, no labels (``pruning.distill.distill``).
+Usage: python bench/finetune.py --imgsz 640 --budget-min 8 --points labels,distill --out bench/results/finetune.json
 """
 
 from __future__ import annotations
@@ -36,7 +39,8 @@ def main() -> None:
     ap.add_argument("--allocation", default="uniform")
     ap.add_argument("--imgsz", type=int, default=320)
     ap.add_argument("--budget-min", type=float, default=6.0)
-    ap.add_argument("--points", default="plain,distill")
+    ap.add_argument("--points", default="labels,labels-kd,distill")
+    ap.add_argument("--calib-images", type=int, default=32)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--pruned", help="reuse this pruned checkpoint instead of pruning again")
     ap.add_argument("--skip-reference", action="store_true", help="do not validate the unpruned/pruned starting points")
@@ -59,14 +63,24 @@ def main() -> None:
     else:
         t = time.monotonic()
         yolo, info = prune_model(a.model, a.ratio, criterion=a.criterion, data_yaml=a.data, imgsz=a.imgsz,
-                                 allocation=a.allocation, progress=False)
+                                 allocation=a.allocation, calib_images=a.calib_images, progress=False)
         pruned = save_pruned(yolo, work / "pruned.pt", info)
         emit({"point": "pruned, no fine-tuning", "prune_s": round(time.monotonic() - t, 1), "pruned_pt": str(pruned),
               "criterion": info.get("criterion"), "achieved_ratio": info.get("achieved_ratio"),
               "params": info.get("params_after"), "gflops": info.get("gflops_after"),
               **(_short(validate(pruned, a.data, imgsz=a.imgsz)) if not a.skip_reference else {})})
     for point in a.points.split(","):
-        teacher = a.model if point == "distill" else None
+        if point == "distill":
+            from prune_pack.pruning.distill import distill
+
+            r = distill(pruned, a.data, work / f"{point}.pt", teacher=a.model, imgsz=a.imgsz,
+                        time_budget_min=a.budget_min, measure=False, progress=False)
+            emit({"point": f"fine-tuned {a.budget_min:g} min, {point}", "iterations": r["iterations"],
+                  "train_s": r["seconds"], **_short(validate(work / f"{point}.pt", a.data, imgsz=a.imgsz))})
+            continue
+        if point not in ("labels", "labels-kd"):
+            raise SystemExit(f"unknown point {point}")
+        teacher = a.model if point == "labels-kd" else None
         r = finetune(pruned, a.data, epochs=100, imgsz=a.imgsz, teacher=teacher, out=work / f"{point}.pt",
                      batch=a.batch, progress=False, time_budget_min=a.budget_min, measure_before=False)
         emit({"point": f"fine-tuned {a.budget_min:g} min, {point}", "epochs": r["epochs"], "train_s": r["seconds"],

@@ -339,6 +339,19 @@ class _Searcher:
         return rec.gate
 
 
+def _skip_smaller_input(s: "_Searcher", lv: Candidate, base: Candidate, target_ms: float, percentile: str) -> bool:
+    """A smaller-input lever is measured only if its full-size twin passed the accuracy gate (a
+    smaller input only loses more) and the twin's latency scaled by the pixel count could meet the
+    target (the guess only saves a device measurement; the measurement decides)."""
+    twin = s.records.get(dataclasses.replace(lv, imgsz=base.imgsz).key)
+    if twin is None or not twin.measurements:
+        return False
+    if twin.candidate != base and not s.gate(twin):
+        return True
+    lat = twin.point(percentile)
+    return lat is not None and lat * (lv.imgsz / base.imgsz) ** 2 > target_ms
+
+
 def _lever_name(base: Candidate, c: Candidate) -> str:
     changed = []
     if c.backend != base.backend:
@@ -436,6 +449,8 @@ def search(
 
     try:
         for lv in levers:
+            if lv.imgsz != base.imgsz and _skip_smaller_input(s, lv, base, target_ms, percentile):
+                continue
             rec = s.judge(lv)
             if rec.decision == PASS and (lv is base or s.gate(rec)):
                 return result(lv, "target met by the unpruned model" if lv is base else
@@ -444,7 +459,8 @@ def search(
         if not ratios:
             return result(None, "no lever met the target and pruning is disabled")
         if prune_family is None:
-            ok = [s.records[lv.key] for lv in levers if lv is base or s.gate(s.records[lv.key])]
+            # skipped (unmeasured) smaller-input levers are not candidates
+            ok = [s.records[lv.key] for lv in levers if lv.key in s.records and (lv is base or s.gate(s.records[lv.key]))]
             fam_rec = min(ok, key=lambda r: r.point(percentile) or math.inf)
             prune_family = fam_rec.candidate
         fam_base = s.judge(dataclasses.replace(prune_family, ratio=0.0))
@@ -567,6 +583,7 @@ class BuildOptions:
     resume: bool = False
     max_ratio: float = 0.7
     ratio_step: float = 0.05
+    imgsz_steps: int = 2  # precision auto: also try the input size this many 32-pixel steps smaller
     max_measurements: int = 8
     profile_timeout_s: float = 300.0
     criterion: Optional[str] = None
@@ -618,11 +635,18 @@ class _Work:
         return _Work._Phase(self, name)
 
 
-def plan_levers(backend: str, precision: str, imgsz: int, available: Sequence[str], bf16: bool) -> list[Candidate]:
+def plan_levers(backend: str, precision: str, imgsz: int, available: Sequence[str], bf16: bool,
+                sizes: Sequence[int] = ()) -> list[Candidate]:
     """Full-width candidates in order of accuracy cost; the first is what the user asked for.
 
+    ``sizes`` (smaller input sizes, with ``precision auto`` only) add the last, fastest-family
+    lever at each of them: a smaller input costs accuracy (gated against FP32 at ``imgsz``) but
+    far less than pruning does.
+
     ``precision auto``: ORT FP32 (no cost) -> OpenVINO FP32 (same math, another runtime; with
-    ``--backend auto``) -> OpenVINO BF16 (where the CPU has native bf16) -> INT8 (gated by mAP).
+    ``--backend auto``) -> OpenVINO BF16 (where the CPU has native bf16) -> INT8 (gated by mAP), on
+    OpenVINO where it is installed (NNCF's file there: 1.35-1.4x OpenVINO BF16, bench/results/nncf.md;
+    ORT's own INT8 was slower than OpenVINO BF16 on every CPU measured), else on ORT.
     """
     if precision != "auto":
         b = backend
@@ -640,7 +664,11 @@ def plan_levers(backend: str, precision: str, imgsz: int, available: Sequence[st
             levers.append(Candidate(0.0, "openvino", "fp32", imgsz))
         if bf16:
             levers.append(Candidate(0.0, "openvino", "bf16", imgsz))
-    levers.append(Candidate(0.0, base_backend, "int8", imgsz))
+        levers.append(Candidate(0.0, "openvino", "int8", imgsz))
+    else:
+        levers.append(Candidate(0.0, base_backend, "int8", imgsz))
+    last = levers[-1]
+    levers += [dataclasses.replace(last, imgsz=int(sz)) for sz in sorted(set(sizes), reverse=True) if 32 <= sz < imgsz]
     return levers
 
 
@@ -690,7 +718,7 @@ class _Pipeline:
                                      data_yaml=self.data_yaml, imgsz=self.opts.imgsz, allocation=pc.allocation,
                                      max_layer_ratio=pc.max_layer_ratio, round_to=pc.round_to,
                                      calib_images=pc.calib_images, bias_compensation=pc.compensation != "none",
-                                     reconstruct=pc.compensation == "lsq")
+                                     reconstruct=pc.compensation == "lsq", recalibrate_bn=pc.recalibrate_bn)
             d.mkdir(parents=True, exist_ok=True)
             save_pruned(yolo, pt, info)
             info_path.write_text(json.dumps(info, default=str))
@@ -713,17 +741,24 @@ class _Pipeline:
                 os.replace(fp32.with_suffix(".tmp.onnx"), fp32)
         if c.precision != "int8":
             return fp32
-        q = d / f"r{c.ratio:.3f}-{c.imgsz}-int8.onnx"
+        engine = self.int8_engine(c)
+        q = d / f"r{c.ratio:.3f}-{c.imgsz}-int8{'-nncf' if engine == 'nncf' else ''}.onnx"
         if not q.is_file():
-            from prune_pack.deploy.quantize import quantize_int8
+            from prune_pack.deploy.quantize import calib_count, quantize_int8_with
             from prune_pack.pruning.sources import dataset_images
 
             with self.work.phase("quantize"):
-                calib = dataset_images(self.data_yaml, "train", limit=self.cfg.export.int8_calib_images)
-                _log(f"quantizing r={c.ratio:.2f} to INT8 ({len(calib)} calibration images)")
-                quantize_int8(fp32, q.with_suffix(".tmp.onnx"), calib, c.imgsz)
+                calib = dataset_images(self.data_yaml, "train", limit=calib_count(engine, self.cfg.export.int8_calib_images))
+                _log(f"quantizing r={c.ratio:.2f} to INT8 with {engine} ({len(calib)} calibration images)")
+                quantize_int8_with(engine, fp32, q.with_suffix(".tmp.onnx"), calib, c.imgsz)
                 os.replace(q.with_suffix(".tmp.onnx"), q)
         return q
+
+    def int8_engine(self, c: Candidate) -> str:
+        """``export.int8_engine`` for the backend that will run ``c`` (auto: nncf for OpenVINO)."""
+        from prune_pack.deploy.quantize import resolve_int8_engine
+
+        return resolve_int8_engine(self.cfg.export.int8_engine, c.backend)
 
     def candidate_package(self, c: Candidate) -> Path:
         """Remote devices take packages (signed, so a device with trusted keys accepts them)."""
@@ -788,14 +823,25 @@ class _Pipeline:
         return self.val_cache[key]
 
     def gate(self, c: Candidate) -> bool:
-        """Accuracy gate of a full-width lever: INT8 must stay within export.int8_max_map_drop."""
-        if c.precision == "fp32":
+        """Accuracy gate of a full-width lever: its mAP50-95 (precision and input size together) must
+        stay within export.int8_max_map_drop of FP32 at the requested input size."""
+        if c.precision == "fp32" and c.imgsz == self.opts.imgsz:
             return True  # the same FP32 math on another runtime
         from prune_pack.deploy.quantize import AccuracyGateError, int8_gate
 
-        fp32 = self.validate(self.onnx(dataclasses.replace(c, precision="fp32", backend="ort")),
-                             dataclasses.replace(c, precision="fp32", backend="ort").key)
-        if c.precision == "bf16":
+        ref = dataclasses.replace(c, precision="fp32", backend="ort", imgsz=self.opts.imgsz)
+        fp32 = self.validate(self.onnx(ref), ref.key)
+        if c.precision == "int8" and self.int8_engine(c) == "nncf":
+            # An NNCF file is made for OpenVINO: its gate is what OpenVINO computes.
+            from prune_pack.deploy.export import validate_openvino
+
+            if c.key not in self.val_cache:
+                with self.work.phase("validate"):
+                    _log(f"validating {c.key} (OpenVINO, NNCF INT8) on the val split")
+                    self.val_cache[c.key] = validate_openvino(self.onnx(c), self.data_yaml, c.imgsz)
+                self.work.save()
+            q = self.val_cache[c.key]
+        elif c.precision == "bf16":
             from prune_pack.deploy.export import openvino_precision, validate_openvino
 
             if openvino_precision(self.onnx(c)) != "bf16":
@@ -808,9 +854,10 @@ class _Pipeline:
             q = self.val_cache[c.key]
         else:
             q = self.validate(self.onnx(c), c.key)
+        what = c.precision.upper() + (f" at {c.imgsz}" if c.imgsz != self.opts.imgsz else "")
         try:
-            drop = int8_gate(fp32["map50_95"], q["map50_95"], self.cfg.export.int8_max_map_drop, what=c.precision.upper())
-            _log(f"{c.precision.upper()} accuracy gate passed (mAP50-95 drop {drop:+.4f})")
+            drop = int8_gate(fp32["map50_95"], q["map50_95"], self.cfg.export.int8_max_map_drop, what=what)
+            _log(f"{what} accuracy gate passed (mAP50-95 drop {drop:+.4f})")
             return True
         except AccuracyGateError as e:
             _log(str(e))
@@ -825,20 +872,29 @@ def _finetuned(pipe: _Pipeline, c: Candidate, short: bool) -> Path:
     if done and Path(done["pt"]).is_file():
         _log(f"reusing the finished fine-tune {tag}")
         return Path(done["pt"])
-    from prune_pack.pruning.finetune import finetune
+    from prune_pack.pruning.finetune import choose_method, finetune
 
     pt, _ = pipe.pruned(c.ratio)
     fc = pipe.cfg.finetune
     epochs = opts.epochs if not short else (opts.recovery_epochs or max(1, opts.epochs // 3))
     out = work.dir / "finetuned" / f"{tag}.pt"
+    method = choose_method(fc.method, pt, pipe.data_yaml, teacher=pipe.model_pt)
     with work.phase("finetune"):
-        _log(f"fine-tuning r={c.ratio:.2f} for {epochs} epoch(s){' (short recovery)' if short else ''}"
-             f"{' with distillation from the unpruned model' if fc.distill else ''}")
-        r = finetune(pt, pipe.data_yaml, epochs=epochs, imgsz=opts.imgsz, teacher=pipe.model_pt if fc.distill else None,
-                     out=out, lr0=fc.lr0, batch=fc.batch, workers=fc.workers, distill_weight=fc.distill_weight,
-                     patience=fc.patience, fraction=opts.finetune_fraction, measure_before=False)
-    work.state["finetuned"][tag] = {"pt": str(out), "epochs": r.get("epochs"), "seconds": r.get("seconds"),
-                                    "after": r.get("after")}
+        if method == "distill":
+            from prune_pack.pruning.distill import distill
+
+            _log(f"recovering r={c.ratio:.2f} for {epochs} epoch(s){' (short recovery)' if short else ''} "
+                 "by distillation from the unpruned model")
+            r = distill(pt, pipe.data_yaml, out, teacher=pipe.model_pt, imgsz=opts.imgsz,
+                        epochs=epochs * opts.finetune_fraction, measure=False)
+        else:
+            _log(f"fine-tuning r={c.ratio:.2f} for {epochs} epoch(s){' (short recovery)' if short else ''}"
+                 f"{' with distillation from the unpruned model' if fc.distill else ''}")
+            r = finetune(pt, pipe.data_yaml, epochs=epochs, imgsz=opts.imgsz, teacher=pipe.model_pt if fc.distill else None,
+                         out=out, lr0=fc.lr0, batch=fc.batch, workers=fc.workers, distill_weight=fc.distill_weight,
+                         patience=fc.patience, fraction=opts.finetune_fraction, measure_before=False)
+    work.state["finetuned"][tag] = {"pt": str(out), "method": method, "epochs": r.get("epochs", epochs),
+                                    "seconds": r.get("seconds"), "after": r.get("after")}
     work.save()
     return out
 
@@ -864,11 +920,13 @@ def _final_package(pipe: _Pipeline, c: Candidate, final_pt: Path, name: str) -> 
         r = export_package(final_pt, d / f"{name}.ppk", imgsz=c.imgsz, int8=c.precision == "int8",
                            data_yaml=pipe.data_yaml, sign=pipe.key_path, name=name, latency_runs=0,
                            calib_images=pipe.cfg.export.int8_calib_images, max_map_drop=pipe.cfg.export.int8_max_map_drop,
-                           val_fn=val_fn, registry=work.dir / "versions.json",
+                           val_fn=val_fn, registry=work.dir / "versions.json", int8_engine=pipe.int8_engine(c),
                            backends=("ort", "openvino") if c.backend == "openvino" or pipe.opts.backend == "auto" else ("ort",))
     r = {k: v for k, v in r.items() if k != "summary"}
     r["source"] = str(final_pt)
     r["after"] = pipe.val_cache.get(f"final-{c.key}-model{'_int8' if c.precision == 'int8' else ''}.onnx")
+    if r["after"] is None and c.precision == "int8":  # an NNCF file is validated on OpenVINO, outside val_fn
+        r["after"] = next((e for e in r["validated"] if e["precision"] == "int8"), None)
     work.state["final"].setdefault(c.key, {})["package"] = r
     work.save()
     return r
@@ -936,7 +994,14 @@ def run_build(opts: BuildOptions) -> dict[str, Any]:
             with work.phase("resolve"):
                 _log(f"checking that device {opts.device} is online")
                 pipe.device().ping(timeout=min(30.0, opts.profile_timeout_s))
-        levers = plan_levers(opts.backend, opts.precision, opts.imgsz, be.available_backends(), be.bf16_supported())
+        if opts.device == "local":
+            available, bf16 = be.available_backends(), be.bf16_supported()
+        else:  # this host's runtimes say nothing about the device's: ONNX Runtime is what every agent has
+            available, bf16 = (["ort", "openvino"], True) if opts.backend == "openvino" else (["ort"], False)
+            if opts.backend == "auto":
+                _log(f"device {opts.device}: assuming ONNX Runtime only (pass --backend openvino if it has OpenVINO)")
+        sizes = [opts.imgsz - 32 * k for k in range(1, opts.imgsz_steps + 1)] if opts.precision == "auto" else []
+        levers = plan_levers(opts.backend, opts.precision, opts.imgsz, available, bf16, sizes)
         ratios = ratio_grid(opts.max_ratio, opts.ratio_step)
         state = SearchState.from_json(work.state["search"])
         verify_reserve = 2 if opts.max_measurements >= 4 else 1
@@ -1136,6 +1201,6 @@ def cli_build(args: Any, cfg: Any) -> dict[str, Any]:
         percentile=args.percentile or b.percentile, imgsz=imgsz, threads=threads, epochs=epochs,
         precision=precision, backend=args.backend or b.backend, device=args.device or b.device, broker=args.broker,
         sign=args.sign, resume=bool(args.resume), max_ratio=b.max_ratio, max_measurements=b.max_measurements,
-        profile_timeout_s=b.profile_timeout_s, criterion=args.criterion,
+        profile_timeout_s=b.profile_timeout_s, criterion=args.criterion, imgsz_steps=b.imgsz_steps,
         finetune_fraction=demo.DEMO_FRACTION if is_demo else 1.0, cfg=cfg)
     return run_build(opts)

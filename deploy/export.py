@@ -495,7 +495,10 @@ def validate_openvino(onnx_path: str | Path, data_yaml: str | Path, imgsz: int) 
     with tempfile.TemporaryDirectory(prefix="pp-ov-") as td:
         d = Path(td) / "model_openvino_model"
         d.mkdir()
-        ov.save_model(ov.convert_model(str(onnx_path)), str(d / "model.xml"), compress_to_fp16=False)
+        # read_model, not convert_model: the ONNX frontend path the agent compiles from. The two differ
+        # on some QDQ files (signed activations, see quantize.activations_to_u8), and the gate must
+        # see what the device computes.
+        ov.save_model(ov.Core().read_model(str(onnx_path)), str(d / "model.xml"), compress_to_fp16=False)
         (d / "metadata.yaml").write_text(yaml.safe_dump({
             "task": "detect", "stride": int(meta.get("stride", 32)), "batch": 1, "imgsz": [imgsz, imgsz], "names": names,
         }))
@@ -545,20 +548,24 @@ def export_package(
     opset: Optional[int] = None,
     parity_images: Optional[Sequence[str | Path]] = None,
     n_parity_images: int = 4,
-    calib_images: int = 32,
+    calib_images: Optional[int] = None,
     max_map_drop: float = 0.010,
     latency_runs: int = 20,
     registry: Optional[str | Path] = None,
     backends: Sequence[str] = ("ort", "openvino"),
     val_fn: Optional[Callable[[Any, Any, int], dict]] = None,
+    int8_engine: str = "ort",
 ) -> dict:
     """export -> parity -> (INT8 -> val both -> gate) -> manifest -> package.
+
+    ``int8_engine``: ``ort`` or ``nncf`` (``quantize.quantize_int8_with``; ``auto`` = ``ort`` here, the
+    target backend being unknown). An NNCF file is made for OpenVINO, so its accuracy gate is OpenVINO's.
 
     ``out`` ending in ``.onnx`` writes the bare model (no manifest, no signature). ``data_yaml``
     must be a resolved dataset yaml (``sources.resolve_dataset``); with it the FP32 model is
     validated too, and INT8 is refused when it loses more than ``max_map_drop`` mAP50-95.
     """
-    from prune_pack.deploy.quantize import int8_gate, quantize_int8
+    from prune_pack.deploy.quantize import int8_gate, quantize_int8_with, resolve_int8_engine
     from prune_pack.pruning.sources import dataset_images
 
     model_pt = Path(model_pt)
@@ -567,6 +574,7 @@ def export_package(
         raise UserInputError("--int8 needs --data: calibration images and the accuracy gate come from the dataset")
     if int8 and dynamic:
         raise UserInputError("--int8 with --dynamic is not supported: the INT8 model is calibrated for a static shape")
+    engine = resolve_int8_engine(int8_engine, None) if int8 else None
     name = name or model_pt.stem
     yolo, prune_prov = load_model(model_pt)
     names = dict(yolo.names)
@@ -589,17 +597,21 @@ def export_package(
             validated.append({"backend": "ort", "precision": "fp32", "map50_95": v32["map50_95"], "map50": v32["map50"]})
             metrics.update(map50_95=v32["map50_95"], map50=v32["map50"])
         if int8:
-            calib = dataset_images(data_yaml, "train", limit=calib_images)
+            from prune_pack.deploy.quantize import calib_count, resolve_int8_engine
+
+            calib = dataset_images(data_yaml, "train", limit=calib_count(resolve_int8_engine(int8_engine), calib_images))
             if not calib:
                 raise UserInputError(f"dataset {data_yaml}: no training images for INT8 calibration")
             q = td / "model_int8.onnx"
-            _log(f"quantizing to INT8 (calibration on {len(calib)} training images)")
+            _log(f"quantizing to INT8 with {engine} (calibration on {len(calib)} training images)")
             quant = {}
-            quantize_int8(fp32, q, calib, imgsz, info=quant)
-            _log("validating INT8 ONNX on the val split")
-            v8 = _val(q, data_yaml, imgsz, val_fn)
-            int8_gate(v32["map50_95"], v8["map50_95"], max_map_drop)
-            validated.append({"backend": "ort", "precision": "int8", "map50_95": v8["map50_95"], "map50": v8["map50"]})
+            quantize_int8_with(engine, fp32, q, calib, imgsz, info=quant)
+            gate_backend = "openvino" if engine == "nncf" else "ort"
+            _log(f"validating INT8 ONNX on the val split ({gate_backend})")
+            v8 = validate_openvino(q, data_yaml, imgsz) if gate_backend == "openvino" else _val(q, data_yaml, imgsz, val_fn)
+            int8_gate(v32["map50_95"], v8["map50_95"], max_map_drop, what=f"INT8 ({engine})")
+            validated.append({"backend": gate_backend, "precision": "int8", "map50_95": v8["map50_95"], "map50": v8["map50"]})
+            backends = [b for b in backends if b != gate_backend]  # validated above
             metrics.update(map50_95=v8["map50_95"], map50=v8["map50"], fp32_map50_95=v32["map50_95"])
             final, precision = q, "int8"
         if data_yaml is not None:
@@ -656,5 +668,5 @@ def cli_export(args: argparse.Namespace, cfg: Any) -> dict:
         return export_package(
             model, out, imgsz=imgsz, int8=args.int8, data_yaml=data, sign=args.sign, name=args.name,
             version=args.version_number, dynamic=args.dynamic or ec.dynamic_batch, simplify=ec.simplify, opset=ec.opset,
-            n_parity_images=ec.parity_images, calib_images=calib, max_map_drop=max_drop,
+            n_parity_images=ec.parity_images, calib_images=calib, max_map_drop=max_drop, int8_engine=ec.int8_engine,
         )

@@ -16,15 +16,17 @@ class PruneSection:
     # (measured best), the removed channels' mean activation folded into the bias, or nothing.
     compensation: Literal["lsq", "mean", "none"] = "lsq"
     allocation: Literal["uniform", "global", "sensitivity"] = "sensitivity"
+    recalibrate_bn: bool = False  # re-estimate BatchNorm statistics on the calibration images (helps at >= 20 %)
 
 
 @dataclass
 class FinetuneSection:
+    method: Literal["auto", "labels", "distill"] = "auto"  # auto: distill when the classes are the teacher's
     epochs: int = 10
     lr0: float = 0.002  # about 1/10 of Ultralytics' training lr
     batch: int = 16
     workers: int = 2  # dataloader workers
-    distill: bool = False  # distil from the unpruned model (measured: no gain on short CPU budgets, see docs/benchmarks.md)
+    distill: bool = False  # method labels: add Ultralytics' feature distillation (measured: no gain on short CPU budgets)
     distill_weight: float = 1.0
     patience: int = 0  # 0 = no early stopping
 
@@ -36,8 +38,12 @@ class ExportSection:
     dynamic_batch: bool = False
     simplify: bool = True  # onnxslim
     parity_images: int = 4  # real images compared ONNX Runtime vs PyTorch after every export
-    int8_calib_images: int = 32
+    int8_calib_images: Optional[int] = None  # None: per engine (ort 32, nncf 128), see quantize.calib_count
     int8_max_map_drop: float = 0.010  # refuse INT8 when mAP50-95 drops more than this (absolute)
+    # Who makes the INT8 file: ONNX Runtime's quantizer (U8S8, fastest on ORT) or NNCF (OpenVINO-style
+    # QDQ, fastest on OpenVINO, slow on ORT); auto = nncf when the target backend is OpenVINO and nncf is
+    # installed, else ort (bench/results/nncf.md).
+    int8_engine: Literal["auto", "ort", "nncf"] = "auto"
 
 
 @dataclass
@@ -49,8 +55,10 @@ class BuildSection:
     epochs: int = 10
     max_ratio: float = 0.7  # the search never removes more than this share of channels
     max_measurements: int = 8  # device profile calls per build
-    precision: Literal["auto", "fp32", "int8", "bf16"] = "fp32"
-    backend: Literal["auto", "ort", "openvino"] = "ort"
+    # auto: full-width precision/runtime changes that pass the accuracy gate before any pruning
+    precision: Literal["auto", "fp32", "int8", "bf16"] = "auto"
+    backend: Literal["auto", "ort", "openvino"] = "auto"  # auto: what the device has (a remote device: ort)
+    imgsz_steps: int = 2  # precision auto: also try inputs 32, 64, ... pixels smaller (gated), 0 = never
     device: str = "local"  # local, or a device id reached over MQTT (mqtt section)
     profile_timeout_s: float = 300.0  # remote profile answer timeout
     out: str = "build"

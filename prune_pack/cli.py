@@ -2,19 +2,21 @@
 
 Host-only modules (torch, ultralytics) are imported lazily, so that ``prune-pack profile``
 and ``prune-pack agent run`` work on a device install. Every handler returns a dict: printed
-as one JSON object (the last stdout line) with ``--json``, as ``key: value`` lines otherwise.
+as one JSON object with ``--json`` (then the only stdout line: library output goes to stderr), as
+``key: value`` lines otherwise.
 Errors are one line on stderr and a non-zero exit; tracebacks only with ``--debug``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import importlib.util
 import json
 import os
 import sys
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 from prune_pack import __version__
 from prune_pack.errors import MissingExtraError, PrunePackError
@@ -46,7 +48,7 @@ class _Parser(argparse.ArgumentParser):
 def _common(json_flag: bool = True, config: bool = True) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
     if json_flag:
-        p.add_argument("--json", action="store_true", help="print the result as one JSON object (last stdout line)")
+        p.add_argument("--json", action="store_true", help="print the result as one JSON object, the only line on stdout")
     if config:
         p.add_argument("--config", metavar="FILE", help="configuration file (see config.example.yaml)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -68,8 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--threads", type=int, help="inference threads on the device (default 2)")
     b.add_argument("--epochs", type=int, help="fine-tuning epochs at the chosen point (default 10; the built-in demo: 1)")
     b.add_argument("--criterion", help="channel importance criterion (default: the measured best)")
-    b.add_argument("--precision", choices=["auto", "fp32", "int8", "bf16"], help="precision search space (default fp32)")
-    b.add_argument("--backend", choices=["auto", "ort", "openvino"], help="runtime on the device (default ort)")
+    b.add_argument("--precision", choices=["auto", "fp32", "int8", "bf16"], help="precision search space; auto (default) tries runtime/precision changes that pass the accuracy gate before pruning")
+    b.add_argument("--backend", choices=["auto", "ort", "openvino"], help="runtime on the device; auto (default): ONNX Runtime and, where installed, OpenVINO (a remote device: ONNX Runtime)")
     b.add_argument("--int8", action="store_true", help="shorthand for --precision int8")
     b.add_argument("--device", help="'local' (default) or a device id reached over MQTT")
     b.add_argument("--broker", metavar="URL", help="MQTT broker URL for a remote device (overrides the config)")
@@ -90,11 +92,14 @@ def build_parser() -> argparse.ArgumentParser:
     f = sub.add_parser("finetune", parents=[common], help="fine-tune a (pruned) model to win accuracy back")
     f.add_argument("--model", metavar="PT", required=True)
     f.add_argument("--data", metavar="YAML", required=True)
-    f.add_argument("--epochs", type=int, required=True)
+    f.add_argument("--method", choices=["auto", "labels", "distill"],
+                   help="labels: Ultralytics' supervised trainer; distill: match the unpruned teacher's outputs on the train "
+                        "images (no labels read); auto (default): distill when the model keeps the teacher's classes")
+    f.add_argument("--epochs", type=int, help="passes over the train split (default: the config's finetune.epochs)")
     f.add_argument("--imgsz", type=int, default=640)
     f.add_argument("--batch", type=int, help="batch size (default 16)")
     f.add_argument("--lr0", type=float, help="initial learning rate, SGD (default 0.002, ~1/10 of training)")
-    f.add_argument("--teacher", metavar="PT", help="distil from this model (usually the unpruned one)")
+    f.add_argument("--teacher", metavar="PT", help="the unpruned model to distil from (default for --method distill: the base model the pruner recorded)")
     f.add_argument("--distill-weight", type=float, dest="distill_weight", help="distillation strength; 1.0 = Ultralytics' default (dis=6)")
     f.add_argument("--time-budget-min", type=float, dest="time_budget_min", help="stop training after this many minutes (epochs are re-estimated)")
     f.add_argument("--project", metavar="DIR", help="keep Ultralytics' run folder here (default: a temporary folder, removed)")
@@ -114,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--dynamic", action="store_true", help="dynamic batch dimension")
     e.add_argument("--max-map-drop", type=float, dest="max_map_drop", metavar="POINTS",
                    help="refuse INT8 when mAP50-95 falls more than this many points below FP32 (default 1.0)")
-    e.add_argument("--calib-images", type=int, dest="calib_images", help="INT8 calibration images from the train split (default 32)")
+    e.add_argument("--calib-images", type=int, dest="calib_images", help="INT8 calibration images from the train split (default: 32 for the ORT quantizer, 128 for NNCF)")
     e.add_argument("--sign", metavar="KEYFILE", help="Ed25519 private key to sign the package")
     e.add_argument("--name", help="model name in the manifest (default: the checkpoint's stem)")
     e.add_argument("--version-number", type=int, dest="version_number", help="manifest version (default: next for this name)")
@@ -205,6 +210,22 @@ def _print_result(result: dict, as_json: bool) -> None:
         print(f"{k}: {v}")
 
 
+@contextlib.contextmanager
+def _stdout_to_stderr() -> Iterator[None]:
+    """With --json, stdout carries the JSON object only: everything the libraries print on the way
+    (Ultralytics' exporter and trainer log to a handler bound to the original stdout, native code
+    writes to fd 1) goes to stderr, at the file-descriptor level."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     # Ultralytics must never try the network on its own (weights, fonts, version checks).
     os.environ.setdefault("YOLO_OFFLINE", "1")
@@ -221,7 +242,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             from prune_pack.config import load_config
 
             cfg = load_config(getattr(args, "config", None))
-        result = _handler(key)(args, cfg)
+        as_json = getattr(args, "json", False)
+        with _stdout_to_stderr() if as_json else contextlib.nullcontext():
+            result = _handler(key)(args, cfg)
         if result is not None:
             _print_result(result, getattr(args, "json", False))
         return int(result.get("exit_code", 0)) if isinstance(result, dict) else 0

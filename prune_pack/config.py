@@ -206,6 +206,7 @@ def _check_semantics(cfg: Config, v: _Validator) -> None:
         (("inference", "threads"), cfg.inference.threads),
         (("build", "threads"), cfg.build.threads),
         (("finetune", "epochs"), cfg.finetune.epochs),
+        (("build", "imgsz_steps"), cfg.build.imgsz_steps),
     ]
     for path, val in nonneg:
         if val < 0:
@@ -217,6 +218,8 @@ def _check_semantics(cfg: Config, v: _Validator) -> None:
     for path, val in [(("inference", "conf"), cfg.inference.conf), (("inference", "iou"), cfg.inference.iou)]:
         if not 0.0 <= val <= 1.0:
             v.fail(path, f"must be within [0, 1], got {val}")
+    if cfg.export.int8_calib_images is not None and cfg.export.int8_calib_images < 1:
+        v.fail(("export", "int8_calib_images"), f"must be >= 1 (or null for the engine's default), got {cfg.export.int8_calib_images}")
     if not 0.0 < cfg.build.max_ratio < 1.0:
         v.fail(("build", "max_ratio"), f"must be within (0, 1), got {cfg.build.max_ratio}")
     if not 0.0 < cfg.prune.max_layer_ratio < 1.0:

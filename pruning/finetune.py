@@ -437,14 +437,16 @@ def iterative_prune_finetune(
     out: Union[str, Path] = "pruned-iterative.pt",
     progress: bool = True,
     prune_kwargs: Optional[dict] = None,
+    method: str = "labels",
     **finetune_kwargs: Any,
 ) -> dict:
     """Prune a bit, recover briefly, repeat: ``steps`` rounds that together remove ``ratio``.
 
     Each round removes ``1 - (1 - ratio) ** (1 / steps)`` of the current model's prunable channels
     (``pruning.prune.prune_model``) and fine-tunes ``epochs_per_step`` epochs; ``final_epochs``
-    more epochs follow the last round. Every round's checkpoint carries the pruner's provenance
-    chain and this module's ``finetune`` record. Returns per-round metrics.
+    more epochs follow the last round. ``method`` picks the recovery (``labels``, ``distill`` from
+    the original unpruned model, or ``auto``, see ``choose_method``). Every round's checkpoint
+    carries the pruner's provenance chain and a ``finetune`` record. Returns per-round metrics.
     """
     from prune_pack.pruning.checkpoint import save_pruned
     from prune_pack.pruning.prune import prune_model
@@ -466,11 +468,20 @@ def iterative_prune_finetune(
             pruned = save_pruned(yolo, Path(tmp) / f"step{k}-pruned.pt", info)
             epochs = epochs_per_step + (final_epochs if k == steps - 1 else 0)
             target = out if k == steps - 1 else Path(tmp) / f"step{k}-ft.pt"
-            r = finetune(pruned, data_yaml, epochs=epochs, imgsz=imgsz, teacher=teacher, out=target,
-                         progress=progress, **finetune_kwargs)
+            how = choose_method(method, pruned, data_yaml, teacher or model_pt)
+            if how == "distill":
+                from prune_pack.pruning.distill import distill
+
+                r = distill(pruned, data_yaml, target, teacher=teacher or model_pt, imgsz=imgsz, epochs=epochs,
+                            progress=progress, **finetune_kwargs)
+                r["epochs"] = epochs
+            else:
+                r = finetune(pruned, data_yaml, epochs=epochs, imgsz=imgsz, teacher=teacher, out=target,
+                             progress=progress, **finetune_kwargs)
             rounds.append({"step": k + 1, "ratio": round(step_ratio, 4), "achieved_ratio": info.get("achieved_ratio"),
                            "params": info.get("params_after"), "gflops": info.get("gflops_after"),
-                           "before": r["before"], "after": r["after"], "epochs": r["epochs"], "seconds": r["seconds"]})
+                           "before": r["before"], "after": r["after"], "epochs": r["epochs"], "seconds": r["seconds"],
+                           "method": how})
             current = target
     final = rounds[-1]["after"] or {}
     return {"out": str(out), "steps": rounds, "step_ratio": round(step_ratio, 4),
@@ -552,6 +563,25 @@ def _check_onnx(path: Path) -> Optional[int]:
 # ----------------------------------------------------------------------------- CLI
 
 
+def choose_method(method: str, model_pt: Union[str, Path], data_yaml: Union[str, Path],
+                  teacher: Optional[Union[str, Path]] = None) -> str:
+    """``labels`` or ``distill`` for ``auto``: distillation needs a teacher (given, or the base
+    model the pruner recorded) with the model's classes, and a dataset with those classes."""
+    if method != "auto":
+        return method
+    from prune_pack.pruning.distill import default_teacher
+
+    model, ckpt = load_detection_checkpoint(model_pt)
+    t = resolve_model(teacher) if teacher is not None else default_teacher(ckpt)
+    if t is None:
+        return "labels"
+    with tempfile.TemporaryDirectory(prefix="prune-pack-ft-") as tmp:
+        names = _dataset_names(resolve_dataset(data_yaml, tmp))
+    tm = load_detection_checkpoint(t)[0]
+    same = dict(model.names) == dict(tm.names) == {int(k): v for k, v in names.items()}
+    return "distill" if same else "labels"
+
+
 def cli_finetune(args: argparse.Namespace, cfg: Any) -> dict:
     section = getattr(cfg, "finetune", None)
 
@@ -561,10 +591,22 @@ def cli_finetune(args: argparse.Namespace, cfg: Any) -> dict:
         return getattr(section, key, default) if section is not None else default
 
     teacher = getattr(args, "teacher", None)
+    epochs = pick(getattr(args, "epochs", None), "epochs", 10)
+    budget = getattr(args, "time_budget_min", None)
+    method = choose_method(pick(getattr(args, "method", None), "method", "auto"), args.model, args.data, teacher)
+    progress = not getattr(args, "json", False)
+    if method == "distill":
+        from prune_pack.pruning.distill import distill
+
+        # Explicit epochs, else the budget alone (the config's epochs would cap a user's budget).
+        ep = getattr(args, "epochs", None) if budget else epochs
+        kw = {"batch": args.batch} if getattr(args, "batch", None) else {}
+        return distill(args.model, args.data, args.out, teacher=teacher, imgsz=args.imgsz, epochs=ep,
+                       time_budget_min=budget, progress=progress, **kw)
     return finetune(
         args.model,
         args.data,
-        epochs=args.epochs,
+        epochs=epochs,
         imgsz=args.imgsz,
         teacher=teacher,
         out=args.out,
@@ -573,9 +615,9 @@ def cli_finetune(args: argparse.Namespace, cfg: Any) -> dict:
         workers=pick(None, "workers", 2),
         distill_weight=pick(getattr(args, "distill_weight", None), "distill_weight", 1.0),
         patience=pick(None, "patience", 0),
-        time_budget_min=getattr(args, "time_budget_min", None),
+        time_budget_min=budget,
         project_dir=getattr(args, "project", None),
-        progress=not getattr(args, "json", False),
+        progress=progress,
     )
 
 

@@ -408,6 +408,36 @@ def _fold(conv: nn.Conv2d, delta: torch.Tensor, bn: nn.Module | None) -> None:
         conv.bias = nn.Parameter(delta.to(conv.weight.dtype))
 
 
+@torch.no_grad()
+def recalibrate_bn(model: nn.Module, images: torch.Tensor, batch: int = 8) -> int:
+    """Re-estimate every BatchNorm's running mean/variance on ``images`` (a cumulative average).
+
+    After surgery each layer sees inputs whose statistics drifted through all the layers before
+    it; the stored statistics still describe the unpruned network. Re-estimating them is cheap
+    (one forward pass) and trains nothing. Measured on YOLOv8n-coco / coco128 at 640 (least-squares
+    compensation already applied): 20 % pruned 0.105 -> 0.125 (32 images) / 0.128 (128), but 10 %
+    pruned 0.230 -> 0.223: an option, not the default.
+    Returns the number of BatchNorm layers updated.
+    """
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [(m.momentum, m.training) for m in bns]
+    was_training = model.training
+    model.eval()
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average: every image weighs the same
+        m.train()
+    try:
+        for i in range(0, len(images), batch):
+            model(images[i : i + batch])
+    finally:
+        for m, (mom, tr) in zip(bns, saved):
+            m.momentum = mom
+            m.train(tr)
+        model.train(was_training)
+    return len(bns)
+
+
 def apply_plan(model: nn.Module, dg: object, groups: list[ChannelGroup], plan: dict[str, int],
                scores: dict[str, torch.Tensor], ctx: CalibContext | None, bias_compensation: bool,
                lsq: bool = False) -> dict[str, list[int]]:

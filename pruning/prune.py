@@ -53,6 +53,7 @@ def prune_model(
     reconstruct: bool = True,
     sens_images: int = 4,
     sens_imgsz: int | None = None,
+    recalibrate_bn: bool = False,
 ) -> tuple[Any, dict]:
     """Prune ``ratio`` of the prunable output channels of a detection model.
 
@@ -62,7 +63,8 @@ def prune_model(
     ``bias_compensation`` with ``reconstruct`` (default) refits each consumer's kept weights and bias
     by least squares on the calibration images (measured: uniform 10% act_var at 320 on coco128,
     mAP50-95 0.120 with mean-only compensation -> 0.229); ``reconstruct=False`` folds only the
-    removed channels' mean into the bias.
+    removed channels' mean into the bias. ``recalibrate_bn`` then re-estimates the BatchNorm
+    statistics on the calibration images (no training; see ``plan.recalibrate_bn``).
     Returns ``(ultralytics.YOLO, info)``; save with ``save_pruned(yolo, path, info)``.
     """
     if not isinstance(ratio, (int, float)) or not 0.0 <= ratio <= MAX_RATIO:
@@ -91,17 +93,22 @@ def prune_model(
 
     # Calibration: the train split (never val: val is where accuracy is measured).
     if data_yaml is not None:
+        # Images are read inside the with-block: a read-only dataset is resolved to a mirror in td.
         with tempfile.TemporaryDirectory() as td:
             resolved = resolve_dataset(data_yaml, td)
             paths = dataset_images(resolved, "train", limit=calib_images)
+            if not paths:
+                raise UserInputError(f"{data_yaml}: the train split has no images to calibrate on")
+            images = I.load_images(paths, imgsz)
+            sens_source = I.load_images(paths[:sens_images], sens_imgsz or min(imgsz, 320))
         calib_source = f"{data_yaml} (train split, {len(paths)} images)"
     else:
         paths = I.bundled_images()
         calib_source = "ultralytics bundled assets (bus.jpg, zidane.jpg): pass --data for a representative calibration set"
         log(f"no --data: calibrating on {', '.join(p.name for p in paths)}")
-    if not paths:
-        raise UserInputError(f"{data_yaml}: the train split has no images to calibrate on")
-    ctx = I.CalibContext(model=model, images=I.load_images(paths, imgsz))
+        images = I.load_images(paths, imgsz)
+        sens_source = I.load_images(paths[:sens_images], sens_imgsz or min(imgsz, 320))
+    ctx = I.CalibContext(model=model, images=images)
     if ratio > 0:
         ctx.in_stats = I.collect_input_stats(model, groups, ctx.images, ctx.batch)
         if criterion == "taylor":
@@ -116,11 +123,13 @@ def prune_model(
             sens = {}
         else:
             s_imgsz = sens_imgsz or min(imgsz, 320)
-            s_ctx = I.CalibContext(model=model, images=I.load_images(paths[:sens_images], s_imgsz), in_stats=ctx.in_stats)
+            s_ctx = I.CalibContext(model=model, images=sens_source, in_stats=ctx.in_stats)
             log(f"measuring layer sensitivity on {len(s_ctx.images)} images at {s_imgsz} ({len(groups)} groups)")
             plan, sens = P.sensitivity_plan(model, groups, scores, s_ctx, ratio, round_to, max_layer_ratio, imgsz,
                                             bias_compensation, progress=log if progress else None)
         P.apply_plan(model, dg, groups, plan, scores, ctx, bias_compensation, lsq=bias_compensation and reconstruct)
+        if recalibrate_bn:
+            P.recalibrate_bn(model, ctx.images, ctx.batch)
     else:
         plan, sens = {g.name: g.size for g in groups}, {}
 
@@ -140,6 +149,7 @@ def prune_model(
         "criterion": criterion,
         "allocation": allocation,
         "bias_compensation": ("lsq" if reconstruct else "mean") if bias_compensation else "none",
+        "bn_recalibrated": bool(recalibrate_bn and ratio > 0),
         "max_layer_ratio": max_layer_ratio,
         "round_to": round_to,
         "imgsz": imgsz,
@@ -163,7 +173,8 @@ def cli_prune(args: argparse.Namespace, cfg: Any) -> dict:
     allocation = args.allocation or (sec.allocation if sec else "sensitivity")
     kwargs = {}
     if sec is not None:
-        kwargs = {"max_layer_ratio": sec.max_layer_ratio, "round_to": sec.round_to, "calib_images": sec.calib_images}
+        kwargs = {"max_layer_ratio": sec.max_layer_ratio, "round_to": sec.round_to, "calib_images": sec.calib_images,
+                  "recalibrate_bn": sec.recalibrate_bn}
     comp = getattr(args, "compensation", None) or (sec.compensation if sec else "lsq")
     kwargs["bias_compensation"] = comp != "none"
     kwargs["reconstruct"] = comp == "lsq"

@@ -47,7 +47,9 @@ def tiny(tmp_path_factory):
 def _config(path: Path, **extra) -> Path:
     cfg = {"prune": {"allocation": "uniform"},  # the sensitivity probe is the pruner's slow part
            "profile": {"runs": 60, "warmup": 3}, "finetune": {"batch": 4, "workers": 0},
-           "build": {"max_measurements": 12}}  # a shared CI machine is noisy: room for repeats
+           # A shared CI machine is noisy: room for repeats. fp32 on ORT: these tests are about pruning
+           # (the precision levers are tested in test_build_search).
+           "build": {"max_measurements": 12, "precision": "fp32", "backend": "ort"}}
     for k, v in extra.items():
         cfg.setdefault(k, {}).update(v)
     path.write_text(yaml.safe_dump(cfg))
@@ -239,7 +241,7 @@ def remote(broker, tmp_path):
     t.start()
     host = _config(tmp_path / "host.yaml", device={"site": "lab"},
                    mqtt={"username": "host", "password_file": str(tmp_path / "host.pw")},
-                   build={"profile_timeout_s": 60.0})
+                   build={"profile_timeout_s": 60.0, "precision": "auto", "backend": "auto"})  # the defaults
     try:
         yield host, "cell-7", key
     finally:
@@ -262,6 +264,8 @@ def test_remote_device_profiles_candidates_over_mqtt(tiny, remote, broker, tmp_p
     assert report["device"] == dev and res["measurements"] == 2
     m = report["candidates"][0]["measurements"][0]
     assert m["runs"] == 60 and m["threads"] == 2  # the build's settings, measured by the agent
+    # backend auto on a remote device: this host's OpenVINO says nothing about the device's
+    assert "assuming ONNX Runtime only" in r.stderr and res["backend"] == "ort" and res["precision"] == "fp32"
     assert not (tmp_path / "cfghome" / "prune-pack" / "signing.key").exists()  # --sign: no default key made
 
 

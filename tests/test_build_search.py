@@ -184,6 +184,43 @@ def test_pruning_plus_int8_when_int8_alone_is_not_enough():
     assert 0.8 * smooth(res.chosen) * 1.02 <= 30.0
 
 
+def _sized(c: Candidate) -> float:
+    """INT8 at 0.6x FP32; latency proportional to the pixel count."""
+    return smooth(c) * (0.6 if c.precision == "int8" else 1.0) * (c.imgsz / 640) ** 2
+
+
+def test_a_smaller_input_comes_before_pruning_and_hopeless_sizes_are_not_measured():
+    from prune_pack.deploy.build import plan_levers
+
+    levers = plan_levers("ort", "auto", 640, ["ort"], bf16=False, sizes=[608, 576, 544, 512])
+    assert [(c.precision, c.imgsz) for c in levers] == [("fp32", 640), ("int8", 640), ("int8", 608), ("int8", 576),
+                                                         ("int8", 544), ("int8", 512)]
+    # int8 at 640: 36 ms; the target needs 576 (29.2 ms): 608 (scaled guess 32.5 ms) is skipped
+    # without a measurement, 576 is measured and passes; nothing smaller, no pruning.
+    dev = Device(_sized)
+    gated = []
+    res = search(dev, levers, 30.0, "p95", RATIOS, gate=lambda c: gated.append((c.precision, c.imgsz)) or True)
+    assert (res.chosen.precision, res.chosen.imgsz, res.chosen.ratio) == ("int8", 576, 0.0)
+    assert res.lever == "precision+imgsz"
+    assert [k.split("-")[2] for k in dev.calls] == ["640", "640", "576"]
+    assert gated == [("int8", 640), ("int8", 576)]
+    # A target no input size on the list can reach: the sizes are skipped on the scaled latency, not measured.
+    dev = Device(_sized)
+    res = search(dev, levers, 15.0, "p95", RATIOS, gate=lambda c: True)
+    assert res.chosen is not None and res.chosen.ratio > 0
+    assert not any(k.split("-")[2] != "640" for k in dev.calls[:2]) and sum("-512-" in k for k in dev.calls) <= 1
+
+
+def test_a_smaller_input_is_not_tried_when_its_precision_failed_the_gate():
+    from prune_pack.deploy.build import plan_levers
+
+    levers = plan_levers("ort", "auto", 640, ["ort"], bf16=False, sizes=[608, 576])
+    dev = Device(_sized)
+    res = search(dev, levers, 30.0, "p95", RATIOS, gate=lambda c: False)
+    assert all("int8" not in k or k.split("-")[2] == "640" for k in dev.calls)
+    assert res.chosen.precision == "fp32" and res.chosen.imgsz == 640 and res.lever == "pruning"
+
+
 def test_resume_replays_measurements_without_device_calls():
     state = SearchState()
     dev1 = Device(smooth)
@@ -261,9 +298,11 @@ def test_levers_are_ordered_by_accuracy_cost():
     from prune_pack.deploy.build import plan_levers
 
     auto = plan_levers("auto", "auto", 640, ["ort", "openvino"], bf16=True)
-    assert [(c.backend, c.precision) for c in auto] == [("ort", "fp32"), ("openvino", "fp32"), ("openvino", "bf16"), ("ort", "int8")]
+    assert [(c.backend, c.precision) for c in auto] == [("ort", "fp32"), ("openvino", "fp32"), ("openvino", "bf16"), ("openvino", "int8")]
     assert [(c.backend, c.precision) for c in plan_levers("ort", "auto", 640, ["ort", "openvino"], bf16=True)] == [("ort", "fp32"), ("ort", "int8")]
     assert plan_levers("ort", "int8", 320, ["ort"], bf16=False) == [Candidate(0.0, "ort", "int8", 320)]
+    # no OpenVINO (a device install, or a remote device): INT8 on ONNX Runtime
+    assert [(c.backend, c.precision) for c in plan_levers("auto", "auto", 640, ["ort"], bf16=True)] == [("ort", "fp32"), ("ort", "int8")]
     from prune_pack.errors import UserInputError
 
     with pytest.raises(UserInputError, match="OpenVINO"):

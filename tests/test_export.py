@@ -142,6 +142,19 @@ def test_cli_export_bare_onnx_and_one_line_errors(tiny_pt, tmp_path, capsys):
     assert "multiple of 32" in capsys.readouterr().err
 
 
+def test_json_output_is_the_only_stdout_line(tiny_pt, tmp_path):
+    """Ultralytics' exporter logs to stdout; with --json that goes to stderr, so scripts can parse stdout whole."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "j.onnx"
+    p = subprocess.run([sys.executable, "-m", "prune_pack.cli", "export", "--model", str(tiny_pt), "--imgsz", str(IMGSZ),
+                        "--out", str(out), "--json"], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert json.loads(p.stdout)["precision"] == "fp32"  # the whole of stdout is one JSON object
+    assert "export success" in p.stderr  # the library's own output was moved, not lost
+
+
 def test_pruning_provenance_reaches_the_manifest(tiny_pt, tmp_path):
     from prune_pack.agent.package import read_manifest
     from prune_pack.pruning.checkpoint import load_checkpoint, save_pruned

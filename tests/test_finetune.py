@@ -218,7 +218,7 @@ def test_dataset_without_val_split(tmp_path, pruned_pt, tiny_data):
 def test_cli_finetune_and_val_json(tmp_path, pruned_pt, tiny_data):
     out = tmp_path / "cli.pt"
     p = _run_cli("finetune", "--model", str(pruned_pt), "--data", str(tiny_data), "--epochs", "1", "--imgsz", str(IMGSZ),
-                 "--batch", "8", "--lr0", "0.001", "--out", str(out), "--json", cwd=tmp_path)
+                 "--method", "labels", "--batch", "8", "--lr0", "0.001", "--out", str(out), "--json", cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-2000:]
     res = json.loads(p.stdout.strip().splitlines()[-1])
     assert res["out"] == str(out) and res["epochs"] == 1 and "map50_95" in res["after"]
@@ -243,3 +243,111 @@ def test_iterative_prune_and_recover(tmp_path, coco_pt, tiny_data):
     assert raw["prune_pack"]["provenance"]["base_provenance"]  # the chain back to the first round
     assert raw["finetune"]["epochs"] == 1
     assert sum(F.layer_widths(raw["model"]).values()) < sum(F.layer_widths(F.load_detection_checkpoint(coco_pt)[0]).values())
+
+
+def test_iterative_prune_and_distill_from_the_original(tmp_path, coco_pt, tiny_data):
+    from prune_pack.pruning.sources import sha256_file
+
+    out = tmp_path / "iter-kd.pt"
+    res = F.iterative_prune_finetune(coco_pt, tiny_data, ratio=0.2, steps=2, epochs_per_step=1, imgsz=IMGSZ, out=out,
+                                     progress=False, method="auto", batch=4, measure=False,
+                                     prune_kwargs={"allocation": "uniform", "calib_images": 4})
+    assert [r["method"] for r in res["steps"]] == ["distill", "distill"]
+    raw = torch.load(out, map_location="cpu", weights_only=False)
+    assert raw["finetune"]["method"] == "distill"
+    assert raw["finetune"]["teacher_sha256"] == sha256_file(coco_pt)  # every round learns from the unpruned model
+    assert raw["prune_pack"]["provenance"]["base_provenance"]["base_sha256"] == sha256_file(coco_pt)
+
+
+# ----------------------------------------------------------------------------- distillation recovery
+
+
+def _kd_loss(student: torch.nn.Module, teacher: torch.nn.Module, x: torch.Tensor) -> float:
+    from prune_pack.pruning.distill import _raw, distill_loss
+
+    with torch.no_grad():
+        return float(sum(distill_loss(_raw(student.eval(), x), _raw(teacher.eval(), x))))
+
+
+def test_distill_moves_the_pruned_model_towards_its_teacher(ft_dir, pruned_pt, tiny_data, coco_pt):
+    """The recorded base model is the default teacher; the loss to it on held-out images falls;
+    widths, provenance and the FP32 checkpoint format survive."""
+    from prune_pack.pruning import importance as I
+    from prune_pack.pruning.distill import distill
+    from prune_pack.pruning.sources import sha256_file
+
+    val = sorted(shared_path("data", "coco128", "images", "train2017").glob("*.jpg"))[-4:]  # not in tiny_data
+    x = I.load_images(val, IMGSZ)
+    teacher = F.load_detection_checkpoint(coco_pt)[0]
+    before = _kd_loss(F.load_detection_checkpoint(pruned_pt)[0], teacher, x)
+    out = ft_dir / "distilled.pt"
+    res = distill(pruned_pt, tiny_data, out, imgsz=IMGSZ, iterations=30, batch=4, lr=1e-3, measure=False, progress=False)
+    assert res["teacher"] == str(coco_pt) and res["iterations"] == 30 and res["widths_kept"]
+    model, ckpt = F.load_detection_checkpoint(out)
+    after = _kd_loss(model, teacher, x)
+    assert after < 0.9 * before, (before, after)
+    assert F.layer_widths(model) == F.layer_widths(F.load_detection_checkpoint(pruned_pt)[0])
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    rec = ckpt["finetune"]
+    assert rec["method"] == "distill" and rec["teacher_sha256"] == sha256_file(coco_pt)
+    assert rec["train_images"] == 8  # the tiny_data fixture's train split
+    assert ckpt["prune_pack"]["provenance"]["base_sha256"] == sha256_file(coco_pt)
+
+
+def test_distill_refuses_other_classes_and_auto_picks_labels_for_them(ft_dir, pruned_pt, tmp_path, tiny_data):
+    from prune_pack.pruning.distill import distill
+
+    other = tmp_path / "other.yaml"
+    cfg = yaml.safe_load(tiny_data.read_text())
+    other.write_text(yaml.safe_dump({**cfg, "path": str(tiny_data.parent), "names": {0: "part", 1: "scratch"}}))
+    with pytest.raises(UserInputError, match="classes"):
+        distill(pruned_pt, other, tmp_path / "x.pt", imgsz=IMGSZ, iterations=1, measure=False, progress=False)
+    assert F.choose_method("auto", pruned_pt, other) == "labels"
+    assert F.choose_method("auto", pruned_pt, tiny_data) == "distill"
+    assert F.choose_method("labels", pruned_pt, tiny_data) == "labels"
+    with pytest.raises(UserInputError, match="epochs"):
+        distill(pruned_pt, tiny_data, tmp_path / "x.pt", imgsz=IMGSZ, measure=False, progress=False)
+    assert not (tmp_path / "x.pt").exists()
+
+
+def test_cli_finetune_auto_distills(tmp_path, pruned_pt, tiny_data):
+    out = tmp_path / "kd.pt"
+    p = _run_cli("finetune", "--model", str(pruned_pt), "--data", str(tiny_data), "--epochs", "1", "--imgsz", str(IMGSZ),
+                 "--batch", "4", "--out", str(out), "--json", cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-2000:]
+    res = json.loads(p.stdout.strip().splitlines()[-1])
+    assert res["method"] == "distill" and res["iterations"] == 2  # 1 epoch of 8 images at batch 4
+    assert "map50_95" in res["after"] and out.is_file()
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["kd.pt"]
+
+
+def test_feature_hints_tap_only_layers_whose_shape_pruning_kept(coco_pt):
+    import copy
+
+    from prune_pack.pruning.distill import FeatureTaps
+    from prune_pack.pruning.prune import prune_model
+
+    # 5 % uniform: the rounding keeps the small layers whole, so some layers keep their shape
+    student = prune_model(coco_pt, 0.05, criterion="l1", imgsz=IMGSZ, allocation="uniform", progress=False)[0].model.eval()
+    teacher = F.load_detection_checkpoint(coco_pt)[0].eval()
+    x = torch.rand(1, 3, 96, 96)
+    same = FeatureTaps(copy.deepcopy(teacher), teacher, 64)
+    assert same.layers == list(range(2, len(teacher.model) - 1))  # every layer after the stem, Detect excluded
+    same.remove()
+    copy_model = copy.deepcopy(teacher)
+    taps = FeatureTaps(student, teacher, 64)
+    assert taps.layers and set(taps.layers) < set(same.layers)  # the pruned widths are not tapped
+    with torch.no_grad():
+        student(x)
+        teacher(x)
+    assert float(taps.loss()) > 0 and not taps.out  # consumed
+    taps.remove()
+    twin = FeatureTaps(copy_model, teacher, 64)
+    with torch.no_grad():
+        copy_model(x)
+        teacher(x)
+    assert float(twin.loss()) == 0.0
+    twin.remove()
+    with torch.no_grad():
+        student(x)
+    assert not taps.out and not twin.out  # removed hooks record nothing

@@ -198,6 +198,31 @@ def test_bias_compensation_reduces_output_error(coco_pt, coco128_yaml):
     assert errs["lsq"] < errs["mean"] < errs["none"], errs
 
 
+def test_bn_recalibration_matches_the_calibration_statistics(coco_pt, coco128_yaml):
+    """After ``recalibrate_bn`` every BatchNorm's running mean/var are its input's statistics on
+    the calibration images (over all of them, whatever the batch), and the model's outputs change."""
+    from prune_pack.pruning.sources import dataset_images
+
+    model = _model(coco_pt)
+    calib = I.load_images(dataset_images(coco128_yaml, "train", limit=6), 128)
+    bn = model.model[2].cv1.bn
+    seen: list[torch.Tensor] = []
+    h = bn.register_forward_pre_hook(lambda m, i: seen.append(i[0].detach().clone()))
+    with torch.no_grad():
+        before = model(calib[:2])[0]
+    seen.clear()
+    assert P.recalibrate_bn(model, calib, batch=4) == sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    h.remove()
+    assert len(seen) == 2 and not model.training and not bn.training and bn.momentum == 0.03  # state restored
+    # BatchNorm's cumulative average: per-batch means and unbiased variances, averaged over batches
+    m = torch.stack([s.mean((0, 2, 3)) for s in seen]).mean(0)
+    assert torch.allclose(bn.running_mean, m, atol=1e-4)
+    v = torch.stack([s.var((0, 2, 3), unbiased=True) for s in seen]).mean(0)
+    assert torch.allclose(bn.running_var, v, rtol=1e-3, atol=1e-4)
+    with torch.no_grad():
+        assert not torch.allclose(model(calib[:2])[0], before)
+
+
 def test_taylor_and_every_criterion_score_each_channel(coco_pt):
     model = G.make_prunable(_model(coco_pt))
     dg, groups = G.build_groups(model)
@@ -245,6 +270,36 @@ def test_bad_inputs_fail_with_one_clear_error(tiny_pt, tmp_path, work_dir):
     (ds / "data.yaml").write_text("path: .\ntrain: images/train\nnames: {0: a}\n")
     with pytest.raises(UserInputError, match="val"):
         prune_model(tiny_pt, 0.1, data_yaml=ds / "data.yaml", progress=False)
+
+
+def test_prune_calibrates_on_a_read_only_dataset(tiny_pt, tmp_path):
+    """A dataset without write bits is mirrored into a temp folder: the calibration images must
+    be read before that folder goes away (regression: "no readable calibration images")."""
+    import shutil
+    import stat
+
+    from ultralytics.utils import ASSETS
+
+    ds = tmp_path / "ro"
+    for split in ("train", "val"):
+        (ds / "images" / split).mkdir(parents=True)
+        (ds / "labels" / split).mkdir(parents=True)
+        for img in ("bus.jpg", "zidane.jpg"):
+            shutil.copy(ASSETS / img, ds / "images" / split / img)
+            (ds / "labels" / split / img.replace(".jpg", ".txt")).write_text("0 0.5 0.5 0.2 0.2\n")
+    (ds / "data.yaml").write_text("path: .\ntrain: images/train\nval: images/val\nnames: {0: a, 1: b, 2: c}\n")
+    for f in [ds, *ds.rglob("*")]:
+        f.chmod(f.stat().st_mode & ~(stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
+    try:
+        yolo, info = prune_model(tiny_pt, 0.2, data_yaml=ds / "data.yaml", imgsz=64, progress=False)
+        assert info["calib_images"] == 2 and "train split, 2 images" in info["calibration"]
+        assert info["achieved_ratio"] > 0
+        assert sorted(p.name for p in ds.rglob("*")) == sorted(["images", "labels", "train", "val", "train", "val", "data.yaml",
+                                                                 "bus.jpg", "zidane.jpg", "bus.jpg", "zidane.jpg",
+                                                                 "bus.txt", "zidane.txt", "bus.txt", "zidane.txt"])
+    finally:
+        for f in [ds, *ds.rglob("*")]:
+            f.chmod(f.stat().st_mode | stat.S_IWUSR)
 
 
 def test_cli_prune(tiny_pt, tmp_path):
