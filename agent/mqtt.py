@@ -264,6 +264,7 @@ class MqttLink:
         self.client: Any = None
         self.connects = 0
         self._confirm_s = 1.5 * mqtt.keepalive_s + 1.0
+        self._link_generation = 0  # +1 per (re)connect, see _drop_paho_copies
         self.detections_dropped = 0
         if self.enabled:
             self.client = make_client(mqtt, mqtt.client_id or f"prune-pack-{device.id}")
@@ -304,6 +305,7 @@ class MqttLink:
             log.warning("broker refused the connection: %s", reason_code)
             return
         self.connects += 1
+        self._drop_paho_copies(client)
         resent = self.outbox.resend_unconfirmed()
         if resent:
             log.info("resending %d QoS 0 messages sent just before the connection was lost", resent)
@@ -319,6 +321,23 @@ class MqttLink:
         log.info("connected to %s (session %d)", redact(self.mqtt.broker), self._session)
         with self._wake:
             self._wake.notify_all()
+
+    def _drop_paho_copies(self, client: Any) -> None:
+        """Forget paho's in-memory copies of unacknowledged publishes before it resends them.
+
+        paho resends them right after this callback, ahead of the QoS 0 rows the outbox resends
+        (``resend_unconfirmed``): a replay would then arrive out of order. Every such message is
+        either an outbox row (on disk, resent in order by the sender), a status (a fresh one goes out
+        below) or a live detection (stale by now). paho has no public call for this, hence the
+        guarded private access; without it the old behaviour (duplicates, possible reordering) remains.
+        """
+        self._link_generation += 1  # tells the sender its pending publish will never be acknowledged
+        lock, msgs = getattr(client, "_out_message_mutex", None), getattr(client, "_out_messages", None)
+        if lock is None or msgs is None or not hasattr(client, "_inflight_messages"):
+            return
+        with lock:
+            msgs.clear()
+            client._inflight_messages = 0  # noqa: SLF001
 
     def _on_disconnect(self, client: Any, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
         if self._connected.is_set():
@@ -431,11 +450,7 @@ class MqttLink:
                 # consumers drop by (session, seq) - at least once, never lost.
                 time.sleep(0.1)
                 continue
-            try:
-                info.wait_for_publish(max(2.0, float(self.mqtt.keepalive_s)))
-                published = info.is_published()
-            except (RuntimeError, ValueError):  # paho raises when the connection was lost meanwhile
-                published = False
+            published = self._wait_published(info)
             if published:
                 if qos == 0:
                     self.outbox.mark_sent(row_id)
@@ -444,6 +459,22 @@ class MqttLink:
                     self.outbox.forget_sent(0.0)  # ... and so was every QoS 0 message before it (in-order stream)
             else:
                 time.sleep(0.1)  # no ack (connection lost?): the row is sent again when connected
+
+    def _wait_published(self, info: Any) -> bool:
+        """Wait for the broker's acknowledgement (up to the keepalive), giving up at once when the
+        link was re-established meanwhile: paho's copy was dropped, the row goes again in order."""
+        generation = self._link_generation
+        deadline = time.monotonic() + max(2.0, float(self.mqtt.keepalive_s))
+        while time.monotonic() < deadline and not self._stop.is_set():
+            try:
+                info.wait_for_publish(0.2)
+            except (RuntimeError, ValueError):  # paho raises when the connection was lost meanwhile
+                return False
+            if info.is_published():
+                return True
+            if self._link_generation != generation:
+                return False
+        return False
 
     def queue_info(self) -> dict:
         return {"pending": len(self.outbox), "dropped": self.outbox.dropped}

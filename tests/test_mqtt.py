@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import json
 import logging
 import time
 
@@ -84,6 +85,32 @@ def test_offline_queue_bounded_drop_count_and_replay(broker, tmp_path, monkeypat
     finally:
         link.stop()
     assert "device-secret" not in caplog.text
+
+
+def test_reconnect_forgets_paho_copies_so_only_the_outbox_replays(broker, tmp_path, monkeypatch):
+    """paho resends its in-memory QoS 1 copies right after the connect callback, ahead of what the
+    outbox resends from disk: a replay could then arrive out of order. The link forgets them."""
+    monkeypatch.setenv("PP_DEVICE_PW", "device-secret")
+    broker.stop()
+    link = _link(tmp_path, broker.url)
+    stale = link.envelope("telemetry/1", stale=1)
+    link.client.publish(link.topics.telemetry, json.dumps(stale), qos=1)  # paho keeps it to resend
+    assert len(link.client._out_messages) == 1  # noqa: SLF001 - the state this test is about
+    link.send(link.topics.telemetry, link.envelope("telemetry/1", i=1), qos=0)  # the outbox's row
+    broker.start()
+    w = Watcher(broker)
+    link.start()
+    try:
+        deadline = time.monotonic() + 20
+        while not any(b.get("i") == 1 for t, b, _ in w.device_messages() if t.endswith("/telemetry")):
+            assert time.monotonic() < deadline, "the outbox row never arrived"
+            time.sleep(0.1)
+        time.sleep(1.0)  # paho would have resent its copy right after connecting
+        tel = [b for t, b, _ in w.device_messages() if t.endswith("/telemetry")]
+        assert [b.get("i") for b in tel] == [1] and not any(b.get("stale") for b in tel)
+    finally:
+        link.stop()
+        w.close()
 
 
 def _cert(subject: str, issuer_key, issuer_name, key, ca: bool, san_ip: str | None = None):
