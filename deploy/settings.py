@@ -10,13 +10,14 @@ from typing import Literal, Optional
 class PruneSection:
     criterion: str = "auto"  # l1, l2, bn_scale, taylor, act_var, or auto (the measured default)
     max_layer_ratio: float = 0.75  # no layer loses more than this share of its channels
-    round_to: int = 8  # prunable widths are multiples of this (SIMD); small layers are kept whole
-    calib_images: int = 32  # images used by data-aware criteria, sensitivity and bias compensation
+    round_to: int = 16  # prunable widths are multiples of this (ORT's AVX-512 blocks); small layers are kept whole
+    calib_images: int = 128  # train images for data-aware criteria, least squares and BN statistics
     # How consumers make up for removed channels: least-squares refit of the kept weights and bias
     # (measured best), the removed channels' mean activation folded into the bias, or nothing.
     compensation: Literal["lsq", "mean", "none"] = "lsq"
     allocation: Literal["uniform", "global", "sensitivity"] = "sensitivity"
-    recalibrate_bn: bool = False  # re-estimate BatchNorm statistics on the calibration images (helps at >= 20 %)
+    # Re-estimate BatchNorm statistics on the calibration images after surgery; auto: with >= 64 images.
+    recalibrate_bn: bool | Literal["auto"] = "auto"
 
 
 @dataclass

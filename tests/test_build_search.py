@@ -278,6 +278,18 @@ def test_verification_that_misses_twice_fails_without_oscillating():
     assert calls == sorted(calls) and len(calls) == 2
 
 
+def test_no_step_is_prepared_when_the_verification_budget_is_spent():
+    # Both verification measurements of the chosen point straddle the target (undecided, then the
+    # pooled estimate fails it): a step toward more pruning could not be measured, so no recovery
+    # is spent on it (found by the README demo on a loaded machine: it recovered, then crashed).
+    res = search(Device(smooth), [BASE], 40.0, "p95", RATIOS)
+    calls = []
+    v = verify(res, lambda c, s: calls.append(c.ratio), lambda c: Measurement.of(40.5, (38.0, 48.0)), max_measurements=2)
+    assert v.decision == FAIL and v.candidate is None and v.steps == 0
+    assert calls == [res.chosen.ratio] and v.measurements_used == 2
+    assert [r["latency_ms"] for r in v.records] == [40.5]
+
+
 def test_repeat_pools_raw_latencies_into_a_narrower_interval():
     import random
 

@@ -49,6 +49,8 @@ def test_example_config_is_valid_and_complete():
         ("mqtt:\n  broker: tcp://x:1883\n", "mqtt.broker", 2, "mqtt://"),
         ("device:\n  id: a/b\n", "device.id", 2, "no '/'"),
         ("mqtt: 5\n", "mqtt", 1, "expected mapping"),
+        # a union without null must not say "or null"
+        ("prune:\n  recalibrate_bn: maybe\n", "prune.recalibrate_bn", 2, "expected boolean or one of 'auto', got"),
     ],
 )
 def test_bad_config_names_key_type_and_line(text, key, line, fragment):

@@ -124,8 +124,9 @@ def test_nncf_int8_file_structure_metadata_and_runs(tiny_pt, tmp_path):
     inits = {i.name: i for i in g.initializer}
     produced_by = {o: n for n in g.node for o in n.output}
     convs = [n for n in g.node if n.op_type == "Conv" and n.name not in tail]
-    stem = convs.pop(0)  # reads the image: kept float (the measured default), no quantizer on the input
+    stem, early = convs.pop(0), convs.pop(0)  # the stem reads the image; both kept float (the measured defaults)
     assert stem.input[0] == g.input[0].name and len(convs) > 50
+    assert info["float_early_convs"] == 1 and early.input[1] in inits and early.input[1] not in produced_by  # float weight
 
     def int8_in(t: str) -> bool:
         # NNCF quantizes before quantization-agnostic ops (C2f's Split, SPPF's MaxPool, Concat, Resize)
@@ -221,3 +222,79 @@ def test_export_package_with_nncf_engine_is_gated_on_openvino(coco_pt, coco16, t
     with pytest.raises(AccuracyGateError, match=r"INT8 \(nncf\) model refused"):
         export_package(coco_pt, tmp_path / "refused.ppk", max_map_drop=drop - 0.002, **kw)
     assert not (tmp_path / "refused.ppk").exists()
+
+
+# ----------------------------------------------------------------------------- accuracy control
+
+
+@needs_ov
+def test_map_evaluator_matches_ultralytics_validator(coco_pt, coco16, tmp_path):
+    """The accuracy-control metric is the validator's mAP50-95 (same NMS, matching and AP), computed
+    on the agent's pre/post-processing: the FP32 file scores the same as Ultralytics' validator."""
+    pytest.importorskip("torch")
+    import onnx
+
+    from prune_pack.deploy.export import _val, export_onnx
+    from prune_pack.deploy.quantize import MapEvaluator
+    from prune_pack.pruning.sources import dataset_images
+
+    fp32 = export_onnx(coco_pt, tmp_path / "coco.onnx", imgsz=320)
+    ref = _val(fp32, coco16, 320)["map50_95"]
+    ev = MapEvaluator(dataset_images(coco16, "val"), 320)
+    assert len(ev) == 16
+    value, per_image = ev(onnx.load(str(fp32)), range(len(ev)))
+    assert ref > 0.2 and abs(value - ref) < 0.01, (value, ref)
+    assert len(per_image) == 16 and all(0.0 <= v <= 1.0 for v in per_image) and max(per_image) > 0.3
+    assert ev.history == [{"quantizers": 0, "map50_95": round(value, 4)}]
+    assert ev(onnx.load(str(fp32)), range(4))[0] != value  # a subset is its own mAP, not recorded in the history
+    assert len(ev.history) == 1
+
+
+@needs_nncf
+@needs_ov
+def test_nncf_accuracy_control_reverts_layers_only_when_needed(coco_pt, coco128_yaml, tmp_path):
+    """NNCF's accuracy-aware quantization through quantize_int8_nncf: a reachable max_drop keeps the
+    plain recipe's file; max_drop 0 (the quantized model is ~1.4 points below FP32 on these 32 val
+    images at 224) makes the loop revert the worst-ranked quantizer group to float (one step here),
+    and the result still runs on OpenVINO and keeps Ultralytics' metadata."""
+    pytest.importorskip("torch")
+    import onnx
+
+    from prune_pack.agent import backends as be
+    from prune_pack.deploy.export import export_onnx
+    from prune_pack.deploy.quantize import AccuracyControl, float_convs, quantize_int8_nncf, quantized_ops
+    from prune_pack.pruning.sources import dataset_images
+
+    imgsz = 224
+    fp32 = export_onnx(coco_pt, tmp_path / "coco.onnx", imgsz=imgsz)
+    calib = dataset_images(coco128_yaml, "train", limit=8)
+    control = dataset_images(coco128_yaml, "val", limit=32)  # images the model was not trained or calibrated on
+    n_q = lambda p: sum(n.op_type == "QuantizeLinear" for n in onnx.load(str(p)).graph.node)
+
+    plain = quantize_int8_nncf(fp32, tmp_path / "plain.onnx", calib, imgsz)
+    info: dict = {}
+    easy = quantize_int8_nncf(fp32, tmp_path / "easy.onnx", calib, imgsz, info=info,
+                              accuracy_control=AccuracyControl(control, max_drop=1.0))
+    ac = info["accuracy_control"]
+    assert ac["reverted_ops"] == ac["reverted_convs"] == [] and n_q(easy) == n_q(plain)
+    (q0, m_fp32), (q_full, m_q) = ((v["quantizers"], v["map50_95"]) for v in ac["validations"])  # FP32, then quantized
+    assert q0 == 0 and q_full >= n_q(plain) > 0  # (NNCF folds weight quantizers into int8 initializers on saving)
+    assert 0.2 < m_q < m_fp32, "precondition: the quantized model must lose accuracy on the control images"
+
+    info = {}
+    hard = quantize_int8_nncf(fp32, tmp_path / "hard.onnx", calib, imgsz, info=info,
+                              accuracy_control=AccuracyControl(control, max_drop=0.0, max_iterations=1, ranking_subset=4))
+    ac = info["accuracy_control"]
+    m = onnx.load(str(hard))
+    assert [(v["quantizers"], v["map50_95"]) for v in ac["validations"][:2]] == [(0, m_fp32), (q_full, m_q)]
+    assert len(ac["validations"]) == 3 and 0 < ac["validations"][2]["quantizers"] < q_full  # the one revert step
+    # what the loop reverted: ops that read int8 tensors in the plain file and only float ones here (a
+    # group may be a Conv with its weights, or an Add/Concat/MaxPool input); reverted Convs get float weights
+    assert ac["reverted_ops"] and set(ac["reverted_ops"]) == quantized_ops(onnx.load(str(plain))) - quantized_ops(m)
+    assert set(ac["reverted_convs"]) == set(float_convs(m)) - set(float_convs(onnx.load(str(plain))))
+    assert set(ac["reverted_convs"]) <= set(ac["reverted_ops"]) and n_q(hard) < n_q(plain)
+    assert {p.key for p in m.metadata_props} >= {"names", "stride", "imgsz"}
+    s = be.load_session(hard, "openvino", threads=1)
+    assert s.info()["precision"] == "int8"
+    y = s.run(np.random.default_rng(0).random((1, 3, imgsz, imgsz), dtype=np.float32))[0]
+    assert y.shape[1] == 84 and np.isfinite(y).all()
