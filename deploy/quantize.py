@@ -334,34 +334,20 @@ def activations_to_u8(model: Any) -> int:
     return done
 
 
-def _box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """IoU matrix of two xyxy box sets, (len(a), len(b))."""
-    lt = np.maximum(a[:, None, :2], b[None, :, :2])
-    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
-    inter = np.clip(rb - lt, 0, None).prod(2)
-    area = lambda x: (x[:, 2] - x[:, 0]) * (x[:, 3] - x[:, 1])
-    return inter / (area(a)[:, None] + area(b)[None, :] - inter + 1e-9)
-
-
-_IOUV = np.linspace(0.5, 0.95, 10)
-
-
 def _match(det: np.ndarray, gt: np.ndarray) -> np.ndarray:
-    """(len(det), 10) true-positive matrix at IoU 0.5:0.95: Ultralytics' ``match_predictions``
-    (each label matched once, highest IoU first, same class only)."""
-    correct = np.zeros((len(det), len(_IOUV)), bool)
+    """(len(det), 10) true-positive matrix at IoU 0.5:0.95, by the installed Ultralytics validator's
+    own ``match_predictions`` and ``box_iou`` (``det`` sorted by descending confidence, as NMS returns it)."""
+    import types
+
+    import torch
+    from ultralytics.engine.validator import BaseValidator
+    from ultralytics.utils.metrics import box_iou
+
     if not len(det) or not len(gt):
-        return correct
-    iou = _box_iou(gt[:, 1:], det[:, :4]) * (gt[:, :1] == det[None, :, 5])
-    for k, t in enumerate(_IOUV):
-        m = np.array(np.nonzero(iou >= t)).T  # (label, prediction) pairs
-        if m.shape[0] > 1:
-            m = m[iou[m[:, 0], m[:, 1]].argsort()[::-1]]
-            m = m[np.unique(m[:, 1], return_index=True)[1]]
-            m = m[np.unique(m[:, 0], return_index=True)[1]]
-        if m.shape[0]:
-            correct[m[:, 1], k] = True
-    return correct
+        return np.zeros((len(det), 10), bool)
+    iou = box_iou(torch.from_numpy(gt[:, 1:]).float(), torch.from_numpy(det[:, :4]).float())
+    this = types.SimpleNamespace(iouv=torch.linspace(0.5, 0.95, 10))  # all the method reads of its validator
+    return BaseValidator.match_predictions(this, torch.from_numpy(det[:, 5]), torch.from_numpy(gt[:, 0]), iou).numpy()
 
 
 def _nms_multi_label(pred: np.ndarray, conf: float = 0.001, iou: float = 0.7, max_det: int = 300) -> np.ndarray:
