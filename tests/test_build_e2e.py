@@ -70,13 +70,14 @@ def _last_json(stdout: str) -> dict:
     return json.loads(stdout.strip().splitlines()[-1])
 
 
-def _p50_interleaved(paths: list[Path], rounds: int = 3) -> list[float]:
+def _p50_interleaved(paths: list[Path], rounds: int = 5) -> list[float]:
     from prune_pack.agent.profiler import profile_model
 
     vals: list[list[float]] = [[] for _ in paths]
     for _ in range(rounds):
         for i, p in enumerate(paths):
-            vals[i].append(profile_model(str(p), threads=2, warmup=3, runs=30)["p50_ms"])
+            # ~3 ms per run at this size: 100 runs keep one slow stretch of the machine from setting the target
+            vals[i].append(profile_model(str(p), threads=2, warmup=5, runs=100)["p50_ms"])
     return [sorted(v)[len(v) // 2] for v in vals]
 
 
@@ -96,7 +97,9 @@ def test_interrupted_build_resumes_and_meets_a_target_between_pruned_and_unprune
     onnx_p = export_onnx(pruned, tmp_path / "p.onnx", imgsz=IMGSZ)
     lu, lp = _p50_interleaved([onnx_u, onnx_p])
     assert lp < lu, f"pruning 60 % of the channels did not make it faster ({lp:.1f} vs {lu:.1f} ms)"
-    target = round(lp + 0.6 * (lu - lp), 2)  # reachable below the 0.6 ratio that was measured
+    # Reachable below the 0.6 ratio that was measured, and far enough under the unpruned model that
+    # the build's own measurement of it does not pass by noise (then there is nothing to interrupt).
+    target = round(lp + 0.5 * (lu - lp), 2)
 
     cfg = _config(tmp_path / "c.yaml")
     out = tmp_path / "out"
