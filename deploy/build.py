@@ -135,12 +135,18 @@ def decide(measurements: Sequence[Measurement], target_ms: float, percentile: st
             return FAIL
     if len(measurements) <= max_repeats:
         return UNSURE
-    if pooled_m is not None and pooled_m.stats.get(f"{percentile}_ms") is not None and pooled_m.stats.get("pooled"):
-        return PASS if pooled_m.point(percentile) <= target_ms * (1.0 - margin) else FAIL
+    return PASS if point_estimate(measurements, percentile, pooled_m) <= target_ms * (1.0 - margin) else FAIL
+
+
+def point_estimate(measurements: Sequence[Measurement], percentile: str, pooled: Optional[Measurement] = None) -> float:
+    """One latency from several measurements of a candidate: the percentile of their pooled raw
+    samples, or, when the device sent none, the median of their points. ``pooled``: ``pool(...)``
+    of the same measurements, if already made."""
+    pooled = pooled or (pool(measurements) if len(measurements) > 1 else None)
+    if pooled is not None and pooled.stats.get(f"{percentile}_ms") is not None:
+        return pooled.point(percentile)
     pts = sorted(m.point(percentile) for m in measurements)
-    mid = len(pts) // 2
-    pooled = pts[mid] if len(pts) % 2 else (pts[mid - 1] + pts[mid]) / 2
-    return PASS if pooled <= target_ms * (1.0 - margin) else FAIL
+    return (pts[(len(pts) - 1) // 2] + pts[len(pts) // 2]) / 2
 
 
 @dataclass
@@ -1075,12 +1081,8 @@ def run_build(opts: BuildOptions) -> dict[str, Any]:
         final = work.state["final"][chosen.key]
         pkg_info = final["package"]
         after = pkg_info.get("after") or {}
-        # The number the decision used: one measurement's point, or the pooled samples of several
-        # (the upper of two measurements is not what passed).
-        ms = [Measurement(s) for s in final["measurements"]]
-        pooled = pool(ms) if len(ms) > 1 else None
-        pts = sorted(m.point(opts.percentile) for m in ms)
-        achieved_ms = pooled.point(opts.percentile) if pooled else (pts[(len(pts) - 1) // 2] + pts[len(pts) // 2]) / 2
+        # The estimate the decision uses (the upper of two measurements is not what passed).
+        achieved_ms = point_estimate([Measurement(s) for s in final["measurements"]], opts.percentile)
         _, pinfo = pipe.pruned(chosen.ratio)
 
         report = _assemble_report(opts, res, ver, levers, baseline_ms, achieved_ms, before, after, pkg_info, pinfo,

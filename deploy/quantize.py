@@ -156,12 +156,15 @@ def stem_nodes(model: Any) -> list[str]:
     than the FP32 one (yolov8n, 640)."""
     g = model.graph
     inputs = {i.name for i in g.input} - {i.name for i in g.initializer}
-    out: list[str] = []
-    for n in g.node:
-        if n.op_type == "Conv" and n.input[0] in inputs:
-            out.append(n.name)
-            out += [c.name for c in g.node if n.output[0] in c.input and c.op_type in ("QuickGelu", "Sigmoid", "Mul", "Relu")]
-    return out
+    return _with_activations(g, [n for n in g.node if n.op_type == "Conv" and n.input[0] in inputs])
+
+
+def _with_activations(graph: Any, convs: list) -> list[str]:
+    """Names of ``convs`` and of the activation nodes that read their outputs: a conv kept float
+    keeps its SiLU (Sigmoid + Mul, or QuickGelu after ``silu_to_quickgelu``) float too."""
+    outs = {n.output[0] for n in convs}
+    return [n.name for n in convs] + [c.name for c in graph.node
+                                      if c.op_type in ("QuickGelu", "Sigmoid", "Mul", "Relu") and set(c.input) & outs]
 
 
 # ----------------------------------------------------------------------------- quantize
@@ -573,10 +576,7 @@ def quantize_int8_nncf(
 def early_convs(model: Any, k: int) -> list[str]:
     """The ``k`` Convs after the stem, in graph (= topological) order, with their SiLU nodes: the
     high-resolution layers NNCF's accuracy control reverted first on yolov8n (bench/results/nncf.md)."""
-    g = model.graph
-    convs = [n for n in g.node if n.op_type == "Conv"][1:k + 1]
-    outs = {n.output[0] for n in convs}
-    return [n.name for n in convs] + [c.name for c in g.node if c.op_type in ("Sigmoid", "Mul") and set(c.input) & outs]
+    return _with_activations(model.graph, [n for n in model.graph.node if n.op_type == "Conv"][1:k + 1])
 
 
 def quantized_ops(model: Any) -> set[str]:
