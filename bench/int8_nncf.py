@@ -13,7 +13,7 @@ conv kept float, ``head`` = the Detect head's six output convs kept float, ``fK`
 stem kept float too (``quantize_int8_nncf(float_early_convs=K)``), ``acD`` = NNCF's accuracy-aware
 quantization (``quantize_with_accuracy_control``) with max_drop D/1000 mAP50-95 measured on the coco128
 *train* images not used for calibration (the val split stays unseen; ``-acm5`` = max_drop -0.005). Every variant is validated on OpenVINO; only ``--latency-variants`` are timed.
-``--sizes``: every variant is also built at these input sizes (FP32 ONNX exported at that size, then quantized);
+``--sizes``: every variant is also built at these input sizes (``576``, or ``WIDTHxHEIGHT`` like ``640x480``) (FP32 ONNX exported at that size, then quantized);
 the reference stays FP32 on ORT at ``--imgsz`` (the build's gate), and the speed reference OpenVINO bf16 at ``--imgsz``.
 Result rows are named ``FILE-SIZE`` (``nncf-mixed-128-stem-576``); ``VARIANT@SIZE`` builds/times a variant at that size only.
 Files are cached in ``--work`` (delete it to rebuild). mAP: Ultralytics' validator on the val split,
@@ -87,24 +87,24 @@ def main() -> int:
 
     from prune_pack.agent.backends import load_session
     from prune_pack.agent.profiler import device_context, image_inputs, latency_stats, measure
-    from prune_pack.deploy.export import _val, export_onnx, validate_openvino
+    from prune_pack.deploy.export import _val, export_onnx, hw, parse_imgsz, shape_str, validate_openvino
     from prune_pack.deploy.quantize import AccuracyControl, quantize_int8, quantize_int8_nncf
     from prune_pack.pruning.sources import dataset_images, resolve_dataset
 
     base = args.imgsz
-    sizes = [base] + [int(x) for x in args.sizes.split(",") if x and int(x) != base]
+    sizes = [base] + [parse_imgsz(x) for x in args.sizes.split(",") if x and parse_imgsz(x) != base]
     w = args.work
     w.mkdir(parents=True, exist_ok=True)
     data = resolve_dataset(str(args.data), str(w / "data"))
     files: dict[str, Path] = {}
-    size_of: dict[str, int] = {}
+    size_of: dict[str, object] = {}
     info: dict[str, dict] = {}
     for sz in sizes:
-        fp32 = w / f"fp32-{sz}.onnx"
+        fp32 = w / f"fp32-{shape_str(sz)}.onnx"
         if not fp32.is_file():
             log(f"exporting FP32 ONNX at {sz}")
             export_onnx(args.model, fp32, imgsz=sz)
-        files[f"fp32-{sz}"], size_of[f"fp32-{sz}"] = fp32, sz
+        files[f"fp32-{shape_str(sz)}"], size_of[f"fp32-{shape_str(sz)}"] = fp32, sz
     if not args.no_qdq:
         qdq = w / f"qdq-ort-{args.qdq_calib}-{base}.onnx"
         if not qdq.is_file():
@@ -114,12 +114,12 @@ def main() -> int:
         files[f"qdq-ort-{base}"], size_of[f"qdq-ort-{base}"] = qdq, base
     variants = [v for v in args.variants.split(",") if v]
 
-    def at(v: str, sz: int) -> bool:  # "VARIANT@SIZE": only at that size
-        return "@" not in v or int(v.split("@")[1]) == sz
+    def at(v: str, sz: object) -> bool:  # "VARIANT@SIZE": only at that size (640 or WxH)
+        return "@" not in v or v.split("@")[1] == shape_str(sz)
 
     for sz in sizes:
         for v in [x.split("@")[0] for x in variants if at(x, sz)]:
-            name = f"nncf-{v}-{sz}"
+            name = f"nncf-{v}-{shape_str(sz)}"
             p = w / f"{name}.onnx"
             info[name] = {}
             if not p.is_file():
@@ -135,7 +135,7 @@ def main() -> int:
                     kw["accuracy_control"] = AccuracyControl(ctrl, max_drop=d, max_iterations=args.ac_iterations,
                                                              ranking_subset=args.ac_ranking)
                 t = time.time()
-                quantize_int8_nncf(files[f"fp32-{sz}"], p, dataset_images(data, "train", limit=kw.pop("n")), sz, info=info[name], **kw)
+                quantize_int8_nncf(files[f"fp32-{shape_str(sz)}"], p, dataset_images(data, "train", limit=kw.pop("n")), sz, info=info[name], **kw)
                 info[name]["quantize_s"] = round(time.time() - t, 1)
                 (w / f"{name}.info.json").write_text(json.dumps(info[name], indent=1, default=str))
                 log(f"NNCF {name} made in {info[name]['quantize_s']} s")
@@ -152,9 +152,9 @@ def main() -> int:
         ref = f"fp32-{base}"
         configs = [(ref, "ort", "fp32"), (ref, "openvino", "bf16")] + ([] if args.no_ov_fp32 else [(ref, "openvino", "fp32")])
         if args.size_bf16:
-            configs += [(f"fp32-{sz}", "openvino", "bf16") for sz in sizes[1:]]
+            configs += [(f"fp32-{shape_str(sz)}", "openvino", "bf16") for sz in sizes[1:]]
         int8 = ([] if args.no_qdq else [f"qdq-ort-{base}"])
-        int8 += [f"nncf-{v.split('@')[0]}-{sz}" for sz in sizes for v in args.latency_variants.split(",") if v and at(v, sz)]
+        int8 += [f"nncf-{v.split('@')[0]}-{shape_str(sz)}" for sz in sizes for v in args.latency_variants.split(",") if v and at(v, sz)]
         configs += [(f, b, "int8") for f in int8 for b in args.int8_backends.split(",") if b]
         sessions = []
         for f, b, prec in configs:
@@ -164,7 +164,7 @@ def main() -> int:
         # Real letterboxed val images (the quantized activations' range is only realistic on real images),
         # one input set per size.
         val_dir = Path(dataset_images(data, "val", limit=1)[0]).parent
-        xs = {sz: image_inputs(val_dir, (1, 3, sz, sz), limit=8) for sz in sizes}
+        xs = {sz: image_inputs(val_dir, (1, 3, *hw(sz)), limit=8) for sz in sizes}
         load_before = loadavg()
         t0 = time.time()
         for r in range(args.rounds):
@@ -200,11 +200,11 @@ def main() -> int:
         data3.write_text(yaml.safe_dump(cfg))
     if not args.no_val:
         todo = [(f"fp32-{base}", "ort"), (f"fp32-{base}", "openvino")]
-        todo += [(f"fp32-{sz}", "ort") for sz in sizes[1:]]
+        todo += [(f"fp32-{shape_str(sz)}", "ort") for sz in sizes[1:]]
         if not args.no_qdq:
             todo += [(f"qdq-ort-{base}", "ort"), (f"qdq-ort-{base}", "openvino")]
-        todo += [(f"nncf-{v.split('@')[0]}-{sz}", "openvino") for sz in sizes for v in variants if at(v, sz)]
-        todo += [(f"nncf-{v.split('@')[0]}-{sz}", "ort") for sz in sizes for v in args.val_ort.split(",")
+        todo += [(f"nncf-{v.split('@')[0]}-{shape_str(sz)}", "openvino") for sz in sizes for v in variants if at(v, sz)]
+        todo += [(f"nncf-{v.split('@')[0]}-{shape_str(sz)}", "ort") for sz in sizes for v in args.val_ort.split(",")
                  if v and v in variants and at(v, sz)]
         for f, b in todo:
             t = time.time()

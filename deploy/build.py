@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Hashable, Optional, Sequence
 
+from prune_pack.deploy.export import ImgSz, hw, norm_imgsz, shape_str
 from prune_pack.errors import PrunePackError, TargetUnreachable, UserInputError
 
 PERCENTILES = ("p50", "p90", "p95", "p99")
@@ -51,15 +52,23 @@ class Candidate:
     ratio: float = 0.0  # requested share of prunable channels removed (0 = unpruned)
     backend: str = "ort"
     precision: str = "fp32"
-    imgsz: int = 640
+    imgsz: ImgSz = 640  # square, or (h, w)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "imgsz", norm_imgsz(self.imgsz))  # (h, w) from JSON state is a list
 
     @property
     def key(self) -> str:
-        return f"{self.backend}-{self.precision}-{self.imgsz}-r{self.ratio:.3f}"
+        return f"{self.backend}-{self.precision}-{shape_str(self.imgsz)}-r{self.ratio:.3f}"
 
     @property
-    def family(self) -> tuple[str, str, int]:
+    def family(self) -> tuple[str, str, ImgSz]:
         return (self.backend, self.precision, self.imgsz)
+
+    @property
+    def pixels(self) -> int:
+        h, w = hw(self.imgsz)
+        return h * w
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -345,17 +354,21 @@ class _Searcher:
         return rec.gate
 
 
-def _skip_smaller_input(s: "_Searcher", lv: Candidate, base: Candidate, target_ms: float, percentile: str) -> bool:
-    """A smaller-input lever is measured only if its full-size twin passed the accuracy gate (a
-    smaller input only loses more) and the twin's latency scaled by the pixel count could meet the
-    target (the guess only saves a device measurement; the measurement decides)."""
-    twin = s.records.get(dataclasses.replace(lv, imgsz=base.imgsz).key)
-    if twin is None or not twin.measurements:
+def _skip_smaller_input(s: "_Searcher", levers: Sequence[Candidate], i: int, base: Candidate, target_ms: float,
+                        percentile: str) -> bool:
+    """A smaller-input lever is measured only if its twin (the nearest measured earlier lever of the
+    same runtime and precision with more pixels) passed the accuracy gate (fewer pixels only lose
+    more) and the twin's latency scaled by the pixel count could meet the target (the guess only
+    saves a device measurement; the measurement decides)."""
+    lv = levers[i]
+    rec = next((s.records[t.key] for t in reversed(levers[:i]) if (t.backend, t.precision) == (lv.backend, lv.precision)
+                and t.pixels > lv.pixels and t.key in s.records and s.records[t.key].measurements), None)
+    if rec is None:
         return False
-    if twin.candidate != base and not s.gate(twin):
+    if rec.candidate != base and not s.gate(rec):
         return True
-    lat = twin.point(percentile)
-    return lat is not None and lat * (lv.imgsz / base.imgsz) ** 2 > target_ms
+    lat = rec.point(percentile)
+    return lat is not None and lat * lv.pixels / rec.candidate.pixels > target_ms
 
 
 def _lever_name(base: Candidate, c: Candidate) -> str:
@@ -454,8 +467,8 @@ def search(
         return SearchResult(target_ms, percentile, chosen, lever, s.records, s.order, s.used, g, reason)
 
     try:
-        for lv in levers:
-            if lv.imgsz != base.imgsz and _skip_smaller_input(s, lv, base, target_ms, percentile):
+        for i, lv in enumerate(levers):
+            if _skip_smaller_input(s, levers, i, base, target_ms, percentile):
                 continue
             rec = s.judge(lv)
             if rec.decision == PASS and (lv is base or s.gate(rec)):
@@ -592,6 +605,7 @@ class BuildOptions:
     max_ratio: float = 0.7
     ratio_step: float = 0.05
     imgsz_steps: int = 2  # precision auto: also try the input size this many 32-pixel steps smaller
+    input_shape: str = "auto"  # auto: precision auto also tries the dataset's aspect ratio (camera_shape); square
     max_measurements: int = 8
     profile_timeout_s: float = 300.0
     criterion: Optional[str] = None
@@ -643,13 +657,31 @@ class _Work:
         return _Work._Phase(self, name)
 
 
+def camera_shape(aspect: Optional[float], imgsz: int) -> Optional[tuple[int, int]]:
+    """The rectangular input (h, w) that holds an image of ``aspect`` (height / width) at full
+    ``imgsz`` resolution along its long side, rounded up to the stride (32): (480, 640) for 4:3,
+    (384, 640) for 16:9. None when that is the square itself (``aspect`` near 1, or unknown).
+
+    A fixed camera's frames all have one aspect ratio; a square input spends the rest of its pixels
+    on letterbox padding (25 % of a 640x640 input for 4:3 frames, 44 % for 16:9)."""
+    if not aspect or aspect <= 0:
+        return None
+    short = min(imgsz, math.ceil(imgsz * min(aspect, 1 / aspect) / 32) * 32)
+    if short >= imgsz:
+        return None
+    return (short, imgsz) if aspect < 1 else (imgsz, short)
+
+
 def plan_levers(backend: str, precision: str, imgsz: int, available: Sequence[str], bf16: bool,
-                sizes: Sequence[int] = ()) -> list[Candidate]:
+                sizes: Sequence[int] = (), aspect: Optional[float] = None) -> list[Candidate]:
     """Full-width candidates in order of accuracy cost; the first is what the user asked for.
 
-    ``sizes`` (smaller input sizes, with ``precision auto`` only) add the last, fastest-family
-    lever at each of them: a smaller input costs accuracy (gated against FP32 at ``imgsz``) but
-    far less than pruning does.
+    ``aspect`` (the images' height / width, with ``precision auto`` only) adds, where it is not
+    square, the rectangular input of that aspect at full resolution (``camera_shape``) for the
+    fastest float lever and for INT8: it drops letterbox padding, and costs accuracy only on images
+    of another shape (gated like the rest). ``sizes`` (smaller long sides, ``precision auto`` only)
+    add the last, fastest lever at each of them (rectangular when ``aspect`` is): a smaller input
+    costs accuracy (gated against FP32 at ``imgsz``) but far less than pruning does.
 
     ``precision auto``: ORT FP32 (no cost) -> OpenVINO FP32 (same math, another runtime; with
     ``--backend auto``) -> OpenVINO BF16 (where the CPU has native bf16) -> INT8 (gated by mAP), on
@@ -672,11 +704,19 @@ def plan_levers(backend: str, precision: str, imgsz: int, available: Sequence[st
             levers.append(Candidate(0.0, "openvino", "fp32", imgsz))
         if bf16:
             levers.append(Candidate(0.0, "openvino", "bf16", imgsz))
-        levers.append(Candidate(0.0, "openvino", "int8", imgsz))
+        int8 = Candidate(0.0, "openvino", "int8", imgsz)
     else:
-        levers.append(Candidate(0.0, base_backend, "int8", imgsz))
-    last = levers[-1]
-    levers += [dataclasses.replace(last, imgsz=int(sz)) for sz in sorted(set(sizes), reverse=True) if 32 <= sz < imgsz]
+        int8 = Candidate(0.0, base_backend, "int8", imgsz)
+
+    def shape(long: int) -> ImgSz:
+        return camera_shape(aspect, long) or long
+
+    if shape(imgsz) != imgsz:
+        levers.append(dataclasses.replace(levers[-1], imgsz=shape(imgsz)))
+    levers.append(int8)
+    if shape(imgsz) != imgsz:
+        levers.append(dataclasses.replace(int8, imgsz=shape(imgsz)))
+    levers += [dataclasses.replace(int8, imgsz=shape(int(sz))) for sz in sorted(set(sizes), reverse=True) if 32 <= sz < imgsz]
     return levers
 
 
@@ -743,16 +783,16 @@ class _Pipeline:
 
         pt, _ = self.pruned(c.ratio)
         d = self.work.dir / "onnx"
-        fp32 = d / f"r{c.ratio:.3f}-{c.imgsz}.onnx"
+        fp32 = d / f"r{c.ratio:.3f}-{shape_str(c.imgsz)}.onnx"
         if not fp32.is_file():
             with self.work.phase("export"):
-                _log(f"exporting r={c.ratio:.2f} to ONNX at {c.imgsz}")
+                _log(f"exporting r={c.ratio:.2f} to ONNX at {shape_str(c.imgsz)}")
                 export_onnx(pt, fp32.with_suffix(".tmp.onnx"), imgsz=c.imgsz)
                 os.replace(fp32.with_suffix(".tmp.onnx"), fp32)
         if c.precision != "int8":
             return fp32
         engine = self.int8_engine(c)
-        q = d / f"r{c.ratio:.3f}-{c.imgsz}-int8{'-nncf' if engine == 'nncf' else ''}.onnx"
+        q = d / f"r{c.ratio:.3f}-{shape_str(c.imgsz)}-int8{'-nncf' if engine == 'nncf' else ''}.onnx"
         if not q.is_file():
             from prune_pack.deploy.quantize import calib_count, quantize_int8_with
             from prune_pack.pruning.sources import dataset_images
@@ -864,7 +904,7 @@ class _Pipeline:
             q = self.val_cache[c.key]
         else:
             q = self.validate(self.onnx(c), c.key)
-        what = c.precision.upper() + (f" at {c.imgsz}" if c.imgsz != self.opts.imgsz else "")
+        what = c.precision.upper() + (f" at {shape_str(c.imgsz)}" if c.imgsz != self.opts.imgsz else "")
         try:
             drop = int8_gate(fp32["map50_95"], q["map50_95"], self.cfg.export.int8_max_map_drop, what=what)
             _log(f"{what} accuracy gate passed (mAP50-95 drop {drop:+.4f})")
@@ -920,7 +960,7 @@ def _final_package(pipe: _Pipeline, c: Candidate, final_pt: Path, name: str) -> 
     shutil.rmtree(d, ignore_errors=True)
     d.mkdir(parents=True)
 
-    def val_fn(path: Any, data: Any, imgsz: int) -> dict:
+    def val_fn(path: Any, data: Any, imgsz: ImgSz) -> dict:
         # The exporter validates the ONNX it packs; keep the full result (per class) for the report.
         key = f"final-{c.key}-{Path(path).name}"
         return pipe.validate(Path(path), key)
@@ -934,9 +974,7 @@ def _final_package(pipe: _Pipeline, c: Candidate, final_pt: Path, name: str) -> 
                            backends=("ort", "openvino") if c.backend == "openvino" or pipe.opts.backend == "auto" else ("ort",))
     r = {k: v for k, v in r.items() if k != "summary"}
     r["source"] = str(final_pt)
-    r["after"] = pipe.val_cache.get(f"final-{c.key}-model{'_int8' if c.precision == 'int8' else ''}.onnx")
-    if r["after"] is None and c.precision == "int8":  # an NNCF file is validated on OpenVINO, outside val_fn
-        r["after"] = next((e for e in r["validated"] if e["precision"] == "int8"), None)
+    r["after"] = (r.pop("accuracy", None) or {}).get(c.precision if c.precision == "int8" else "fp32")
     work.state["final"].setdefault(c.key, {})["package"] = r
     work.save()
     return r
@@ -1011,7 +1049,16 @@ def run_build(opts: BuildOptions) -> dict[str, Any]:
             if opts.backend == "auto":
                 _log(f"device {opts.device}: assuming ONNX Runtime only (pass --backend openvino if it has OpenVINO)")
         sizes = [opts.imgsz - 32 * k for k in range(1, opts.imgsz_steps + 1)] if opts.precision == "auto" else []
-        levers = plan_levers(opts.backend, opts.precision, opts.imgsz, available, bf16, sizes)
+        aspect = None
+        if opts.precision == "auto" and opts.input_shape == "auto":
+            from prune_pack.pruning.sources import dataset_images, median_aspect
+
+            aspect = median_aspect(dataset_images(data_yaml, "val") + dataset_images(data_yaml, "train"))
+            rect = camera_shape(aspect, opts.imgsz)
+            if rect:
+                _log(f"the dataset's images are {aspect:.2f} as high as wide (median): also trying the input "
+                     f"{shape_str(rect)}, which drops the square's letterbox padding")
+        levers = plan_levers(opts.backend, opts.precision, opts.imgsz, available, bf16, sizes, aspect)
         ratios = ratio_grid(opts.max_ratio, opts.ratio_step)
         state = SearchState.from_json(work.state["search"])
         verify_reserve = 2 if opts.max_measurements >= 4 else 1
@@ -1053,7 +1100,7 @@ def run_build(opts: BuildOptions) -> dict[str, Any]:
             m = pipe._profile(pkg, c, package=True)
             pct = opts.percentile
             lo, hi = m.bounds(pct)
-            _log(f"verified {c.key} (fine-tuned package): {pct} {m.point(pct):.1f} ms (95% CI {lo:.1f}-{hi:.1f})")
+            _log(f"verified {c.key} ({'fine-tuned ' if c.ratio > 0 else ''}package): {pct} {m.point(pct):.1f} ms (95% CI {lo:.1f}-{hi:.1f})")
             return m
 
         def on_final(c: Candidate, m: Measurement) -> None:
@@ -1219,6 +1266,6 @@ def cli_build(args: Any, cfg: Any) -> dict[str, Any]:
         percentile=args.percentile or b.percentile, imgsz=imgsz, threads=threads, epochs=epochs,
         precision=precision, backend=args.backend or b.backend, device=args.device or b.device, broker=args.broker,
         sign=args.sign, resume=bool(args.resume), max_ratio=b.max_ratio, max_measurements=b.max_measurements,
-        profile_timeout_s=b.profile_timeout_s, criterion=args.criterion, imgsz_steps=b.imgsz_steps,
+        profile_timeout_s=b.profile_timeout_s, criterion=args.criterion, imgsz_steps=b.imgsz_steps, input_shape=b.input_shape,
         finetune_fraction=demo.DEMO_FRACTION if is_demo else 1.0, cfg=cfg)
     return run_build(opts)

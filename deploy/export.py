@@ -30,6 +30,46 @@ def _log(msg: str) -> None:
     print(f"prune-pack export: {msg}", file=sys.stderr, flush=True)
 
 
+# ----------------------------------------------------------------------------- input shape
+
+# An input size is Ultralytics' ``imgsz``: an int (square) or (height, width), both multiples of 32.
+ImgSz = int | tuple[int, int]
+
+
+def hw(imgsz: ImgSz | Sequence[int]) -> tuple[int, int]:
+    """(height, width) of an input size."""
+    if isinstance(imgsz, (int, np.integer)):
+        return int(imgsz), int(imgsz)
+    h, w = (int(v) for v in imgsz)
+    return h, w
+
+
+def norm_imgsz(imgsz: ImgSz | Sequence[int]) -> ImgSz:
+    """The canonical form: an int when square, else an (h, w) tuple (JSON turns tuples into lists)."""
+    h, w = hw(imgsz)
+    return h if h == w else (h, w)
+
+
+def shape_str(imgsz: ImgSz | Sequence[int]) -> str:
+    """``640`` or ``640x480``: width x height, the way cameras state resolutions."""
+    h, w = hw(imgsz)
+    return str(h) if h == w else f"{w}x{h}"
+
+
+def parse_imgsz(text: str | int, flag: str = "--imgsz") -> ImgSz:
+    """``640`` (square) or ``WIDTHxHEIGHT`` (``640x384`` for a 16:9 camera), each a multiple of 32."""
+    parts = str(text).lower().replace("×", "x").split("x")
+    try:
+        w, h = (int(parts[0]), int(parts[0])) if len(parts) == 1 else (int(parts[0]), int(parts[1]))
+        if len(parts) > 2:
+            raise ValueError
+    except ValueError:
+        raise UserInputError(f"{flag} {text}: expected a size like 640 or WIDTHxHEIGHT like 640x384") from None
+    if min(w, h) <= 0 or w % 32 or h % 32:
+        raise UserInputError(f"{flag} {text}: every side must be a positive multiple of 32 (the model's largest stride)")
+    return norm_imgsz((h, w))
+
+
 # ----------------------------------------------------------------------------- loading
 
 
@@ -47,13 +87,13 @@ def load_model(model_pt: str | Path) -> tuple[Any, dict]:
 def export_onnx(
     model_pt: str | Path,
     out_onnx: str | Path,
-    imgsz: int = 640,
+    imgsz: ImgSz = 640,
     dynamic: bool = False,
     simplify: bool = True,
     opset: Optional[int] = None,
     fast_dfl: bool = True,
 ) -> Path:
-    """Export a detection checkpoint to ONNX (static ``imgsz`` x ``imgsz``; ``dynamic`` = dynamic
+    """Export a detection checkpoint to ONNX (static ``imgsz``: square or (h, w); ``dynamic`` = dynamic
     batch) through Ultralytics' exporter, slimmed with onnxslim, with the DFL softmax moved to
     the last axis (``fast_dfl_softmax``). Returns ``out_onnx``."""
     from ultralytics import YOLO
@@ -66,7 +106,7 @@ def export_onnx(
     with tempfile.TemporaryDirectory(prefix="pp-export-") as td:
         tmp_pt = Path(td) / (src.stem + ".pt")
         shutil.copy2(src, tmp_pt)
-        kwargs: dict[str, Any] = dict(format="onnx", imgsz=imgsz, simplify=False, dynamic=dynamic, device="cpu", verbose=False)
+        kwargs: dict[str, Any] = dict(format="onnx", imgsz=list(hw(imgsz)), simplify=False, dynamic=dynamic, device="cpu", verbose=False)
         if opset:
             kwargs["opset"] = opset
         # Ultralytics' dynamic=True makes batch, height and width dynamic; we slim ourselves
@@ -150,16 +190,16 @@ def fast_dfl_softmax(model: Any) -> int:
     return done
 
 
-def _fix_spatial_dims(path: Path, imgsz: int) -> None:
+def _fix_spatial_dims(path: Path, imgsz: ImgSz) -> None:
     """Keep only the batch dimension dynamic: a fixed H x W lets ORT plan memory and keeps the
     anchor count static (the device always feeds the packaged size)."""
     import onnx
 
     m = onnx.load(str(path))
     dims = m.graph.input[0].type.tensor_type.shape.dim
-    for d in list(dims)[2:]:
+    for d, v in zip(list(dims)[2:], hw(imgsz)):
         d.ClearField("dim_param")
-        d.dim_value = imgsz
+        d.dim_value = v
     for o in m.graph.output:
         odims = o.type.tensor_type.shape.dim
         if len(odims) == 3:
@@ -190,13 +230,13 @@ def _slim(path: Path) -> None:
 # ----------------------------------------------------------------------------- parity
 
 
-def letterbox_batch(images: Sequence[str | Path], imgsz: int) -> list[np.ndarray]:
-    """Each image as a (1, 3, imgsz, imgsz) float32 tensor, preprocessed exactly like
+def letterbox_batch(images: Sequence[str | Path], imgsz: ImgSz) -> list[np.ndarray]:
+    """Each image as a (1, 3, h, w) float32 tensor, preprocessed exactly like
     Ultralytics' predictor (its own LetterBox, BGR->RGB, /255)."""
     import cv2
     from ultralytics.data.augment import LetterBox
 
-    lb = LetterBox(new_shape=(imgsz, imgsz), auto=False, stride=32)
+    lb = LetterBox(new_shape=hw(imgsz), auto=False, stride=32)
     out = []
     for p in images:
         im = cv2.imread(str(p))
@@ -256,7 +296,7 @@ def check_parity(
     model: Any,
     onnx_path: str | Path,
     images: Optional[Sequence[str | Path]] = None,
-    imgsz: int = 640,
+    imgsz: ImgSz = 640,
     box_atol: Optional[float] = None,
     score_atol: float = SCORE_ATOL,
     conf: float = 0.25,
@@ -280,7 +320,7 @@ def check_parity(
     images = list(images) if images else default_parity_images()
     if not images:
         raise UserInputError("parity check needs at least one image")
-    box_atol = BOX_ATOL_REL * imgsz if box_atol is None else box_atol
+    box_atol = BOX_ATOL_REL * max(hw(imgsz)) if box_atol is None else box_atol
     so = ort.SessionOptions()
     so.log_severity_level = 3
     sess = ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"])
@@ -307,7 +347,7 @@ def check_parity(
         unmatched += _unmatched(dets[0], dets[1], conf, margin, min_iou) + _unmatched(dets[1], dets[0], conf, margin, min_iou)
     result = {
         "images": len(images),
-        "imgsz": imgsz,
+        "imgsz": norm_imgsz(imgsz),
         "max_abs_box_px": box_diff,
         "max_abs_score": score_diff,
         "box_atol_px": box_atol,
@@ -346,12 +386,12 @@ def onnx_io(onnx_path: str | Path) -> dict:
     }
 
 
-def model_stats(yolo: Any, imgsz: int) -> dict:
+def model_stats(yolo: Any, imgsz: ImgSz) -> dict:
     """Parameters and GFLOPs (Ultralytics' own counters) of the PyTorch model."""
     from ultralytics.utils.torch_utils import get_flops, get_num_params
 
     net = yolo.model
-    return {"params": int(get_num_params(net)), "gflops": round(float(get_flops(net, imgsz)), 3)}
+    return {"params": int(get_num_params(net)), "gflops": round(float(get_flops(net, list(hw(imgsz)))), 3)}
 
 
 def host_latency(onnx_path: str | Path, threads: int = 2, warmup: int = 3, runs: int = 20) -> dict:
@@ -389,7 +429,7 @@ def build_manifest(
     onnx_path: str | Path,
     names: dict,
     precision: str,
-    imgsz: int,
+    imgsz: ImgSz,
     provenance: dict,
     metrics: dict,
     validated: list[dict],
@@ -409,7 +449,7 @@ def build_manifest(
     man: dict[str, Any] = {
         "name": name,
         "precision": precision,
-        "imgsz": imgsz,
+        "imgsz": norm_imgsz(imgsz),  # int, or [h, w] (Ultralytics' order)
         "input": io["input"],
         "outputs": io["outputs"],
         "names": [str(names[k]) for k in sorted(names, key=int)],
@@ -445,21 +485,21 @@ def provenance_of(model_pt: Path, prune_prov: dict) -> dict:
     return prov
 
 
-def _val(path: str | Path, data_yaml: str | Path, imgsz: int, val_fn: Optional[Callable] = None) -> dict:
+def _val(path: str | Path, data_yaml: str | Path, imgsz: ImgSz, val_fn: Optional[Callable] = None) -> dict:
     """mAP of a .pt or .onnx on the val split (the pruning colleague's validate when present)."""
     if val_fn is not None:
         return val_fn(path, data_yaml, imgsz)
     try:
         from prune_pack.pruning.finetune import validate
 
-        r = validate(str(path), str(data_yaml), imgsz=imgsz, batch=1)
+        r = validate(str(path), str(data_yaml), imgsz=max(hw(imgsz)), batch=1)  # a static ONNX runs at its own shape
         return {"map50_95": float(r["map50_95"]), "map50": float(r["map50"])}
     except ImportError:
         pass
     from ultralytics import YOLO
 
     with tempfile.TemporaryDirectory(prefix="pp-val-") as td:
-        m = YOLO(str(path), task="detect").val(data=str(data_yaml), imgsz=imgsz, batch=1, plots=False, verbose=False,
+        m = YOLO(str(path), task="detect").val(data=str(data_yaml), imgsz=max(hw(imgsz)), batch=1, plots=False, verbose=False,
                                                project=td, name="val", device="cpu", workers=0)
     return {"map50_95": float(m.box.map), "map50": float(m.box.map50)}
 
@@ -479,7 +519,7 @@ def openvino_precision(onnx_path: str | Path) -> str:
     return "bf16" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "fp32"
 
 
-def validate_openvino(onnx_path: str | Path, data_yaml: str | Path, imgsz: int) -> dict:
+def validate_openvino(onnx_path: str | Path, data_yaml: str | Path, imgsz: ImgSz) -> dict:
     """mAP of an ONNX file run by OpenVINO (its default CPU precision, see ``openvino_precision``),
     through Ultralytics' validator: the file is converted to IR with a ``metadata.yaml`` beside it,
     the layout Ultralytics' OpenVINO backend reads."""
@@ -500,14 +540,16 @@ def validate_openvino(onnx_path: str | Path, data_yaml: str | Path, imgsz: int) 
         # see what the device computes.
         ov.save_model(ov.Core().read_model(str(onnx_path)), str(d / "model.xml"), compress_to_fp16=False)
         (d / "metadata.yaml").write_text(yaml.safe_dump({
-            "task": "detect", "stride": int(meta.get("stride", 32)), "batch": 1, "imgsz": [imgsz, imgsz], "names": names,
+            "task": "detect", "stride": int(meta.get("stride", 32)), "batch": 1, "imgsz": list(hw(imgsz)), "names": names,
         }))
-        m = YOLO(str(d), task="detect").val(data=str(data_yaml), imgsz=imgsz, batch=1, plots=False, verbose=False,
+        m = YOLO(str(d), task="detect").val(data=str(data_yaml), imgsz=max(hw(imgsz)), batch=1, plots=False, verbose=False,
                                             project=td, name="val", device="cpu", workers=0)
-    return {"map50_95": float(m.box.map), "map50": float(m.box.map50)}
+    from prune_pack.pruning.finetune import per_class_map
+
+    return {"map50_95": float(m.box.map), "map50": float(m.box.map50), "per_class": per_class_map(m.box, dict(m.names))}
 
 
-def _validate_backends(final: Path, precision: str, data_yaml: Path, imgsz: int, fp32_map: float, max_drop: float,
+def _validate_backends(final: Path, precision: str, data_yaml: Path, imgsz: ImgSz, fp32_map: float, max_drop: float,
                        backends: Sequence[str]) -> list[dict]:
     """Entries for ``validated`` beyond ORT: each backend's default precision, gated like INT8.
     A backend that fails the gate is left out (the device then refuses it unless forced)."""
@@ -537,7 +579,7 @@ def _validate_backends(final: Path, precision: str, data_yaml: Path, imgsz: int,
 def export_package(
     model_pt: str | Path,
     out: str | Path,
-    imgsz: int = 640,
+    imgsz: ImgSz = 640,
     int8: bool = False,
     data_yaml: Optional[str | Path] = None,
     sign: Optional[str | Path] = None,
@@ -581,7 +623,7 @@ def export_package(
     with tempfile.TemporaryDirectory(prefix="pp-pack-") as td:
         td = Path(td)
         fp32 = td / "model.onnx"
-        _log(f"exporting {model_pt.name} to ONNX at {imgsz}x{imgsz}")
+        _log(f"exporting {model_pt.name} to ONNX at {shape_str(imgsz)}")
         export_onnx(model_pt, fp32, imgsz=imgsz, dynamic=dynamic, simplify=simplify, opset=opset)
         if parity_images is None and data_yaml is not None:
             parity_images = dataset_images(data_yaml, "val", limit=n_parity_images)
@@ -590,10 +632,11 @@ def export_package(
              f"{parity['detections_onnx']} detections matched")
         final, precision, quant = fp32, "fp32", None
         validated: list[dict] = []
+        accuracy: dict[str, dict] = {}  # precision -> the full validation result (per class too)
         metrics: dict = model_stats(yolo, imgsz)
         if data_yaml is not None:
             _log("validating FP32 ONNX on the val split")
-            v32 = _val(fp32, data_yaml, imgsz, val_fn)
+            v32 = accuracy["fp32"] = _val(fp32, data_yaml, imgsz, val_fn)
             validated.append({"backend": "ort", "precision": "fp32", "map50_95": v32["map50_95"], "map50": v32["map50"]})
             metrics.update(map50_95=v32["map50_95"], map50=v32["map50"])
         if int8:
@@ -609,6 +652,7 @@ def export_package(
             gate_backend = "openvino" if engine == "nncf" else "ort"
             _log(f"validating INT8 ONNX on the val split ({gate_backend})")
             v8 = validate_openvino(q, data_yaml, imgsz) if gate_backend == "openvino" else _val(q, data_yaml, imgsz, val_fn)
+            accuracy["int8"] = v8
             int8_gate(v32["map50_95"], v8["map50_95"], max_map_drop, what=f"INT8 ({engine})")
             validated.append({"backend": gate_backend, "precision": "int8", "map50_95": v8["map50_95"], "map50": v8["map50"]})
             backends = [b for b in backends if b != gate_backend]  # validated above
@@ -619,11 +663,11 @@ def export_package(
         if out.suffix == ".onnx":
             out.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(final, out)
-            return {"out": str(out), "precision": precision, "parity": parity, "validated": validated,
+            return {"out": str(out), "precision": precision, "parity": parity, "validated": validated, "accuracy": accuracy,
                     "summary": f"wrote {out} ({precision}, parity OK)"}
         if latency_runs > 0:
             _log("measuring host latency (ORT, 2 threads)")
-            metrics["host_latency"] = host_latency(final, threads=2, runs=latency_runs) | {"imgsz": imgsz}
+            metrics["host_latency"] = host_latency(final, threads=2, runs=latency_runs) | {"imgsz": norm_imgsz(imgsz)}
         from prune_pack.agent import package as pkg
 
         if version is not None:
@@ -641,6 +685,7 @@ def export_package(
         "signed": bool(sign),
         "parity": parity,
         "validated": validated,
+        "accuracy": accuracy,
         "metrics": metrics,
         "summary": f"wrote {path} ({name} v{version}, {precision}, parity OK, {'signed' if sign else 'unsigned'})",
     }
@@ -656,9 +701,7 @@ def cli_export(args: argparse.Namespace, cfg: Any) -> dict:
     out = Path(args.out)
     if out.suffix not in (".onnx", ".ppk", ".zip") and out.suffix:
         raise UserInputError(f"--out {out}: expected a .ppk package or a bare .onnx")
-    imgsz = args.imgsz or ec.imgsz
-    if imgsz <= 0 or imgsz % 32:
-        raise UserInputError(f"--imgsz {imgsz}: must be a positive multiple of 32 (the model's largest stride)")
+    imgsz = parse_imgsz(args.imgsz) if args.imgsz else parse_imgsz(ec.imgsz, "export.imgsz")
     if args.sign and not Path(args.sign).is_file():
         raise UserInputError(f"--sign {args.sign}: key file not found")
     max_drop = ec.int8_max_map_drop if getattr(args, "max_map_drop", None) is None else args.max_map_drop / 100.0

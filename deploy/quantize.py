@@ -29,6 +29,7 @@ from typing import Any, Iterable, Literal, Optional, Sequence
 
 import numpy as np
 
+from prune_pack.deploy.export import ImgSz, hw
 from prune_pack.errors import AccuracyGateError, PrunePackError, UserInputError
 
 
@@ -50,7 +51,7 @@ def int8_gate(fp32_map: float, int8_map: float, max_drop: float = 0.010, what: s
 class LetterboxReader:
     """``CalibrationDataReader`` feeding letterboxed images exactly as the predictor does."""
 
-    def __init__(self, images: Sequence[str | Path], input_name: str, imgsz: int) -> None:
+    def __init__(self, images: Sequence[str | Path], input_name: str, imgsz: ImgSz) -> None:
         self._name = input_name
         self._images = list(images)
         self._imgsz = imgsz
@@ -188,7 +189,7 @@ def quantize_int8(
     fp32_onnx: str | Path,
     out_onnx: str | Path,
     calib_images: Sequence[str | Path],
-    imgsz: int,
+    imgsz: ImgSz,
     method: Literal["minmax", "percentile", "entropy"] = "minmax",
     per_channel: bool = True,
     exclude_head: bool = True,
@@ -373,7 +374,7 @@ class MapEvaluator:
     """mAP50-95 of an ONNX detector (an ``onnx.ModelProto``) on labelled images, for NNCF's accuracy
     control loop, which calls it with the FP32 model, the quantized one and many partly reverted ones.
 
-    The computation is Ultralytics' validator's (batch 1, square letterbox, multi-label NMS at conf
+    The computation is Ultralytics' validator's (batch 1, letterbox to the model's input, multi-label NMS at conf
     0.001 / IoU 0.7 / 300 detections, matching at IoU 0.5:0.95, ``ap_per_class``) on the agent's own
     pre/post-processing (``agent.detect``): no dataset cache is written and a validation costs about
     the model's inference time (it matched the validator to 0.0005-0.0025 on coco128 val). A model
@@ -383,7 +384,7 @@ class MapEvaluator:
     values let NNCF pick the most affected images for ranking without one call per image.
     """
 
-    def __init__(self, images: Sequence[str | Path], imgsz: int, threads: int = 2) -> None:
+    def __init__(self, images: Sequence[str | Path], imgsz: ImgSz, threads: int = 2) -> None:
         import cv2
         from ultralytics.data.utils import img2label_paths
 
@@ -402,7 +403,7 @@ class MapEvaluator:
                            (rows[:, 1] + rows[:, 3] / 2) * w0, (rows[:, 2] + rows[:, 4] / 2) * h0], 1)
             lb, ratio, pad = letterbox(im, imgsz)  # kept uint8 (4x less memory than the float input)
             nw, nh = round(w0 * ratio[0]), round(h0 * ratio[1])
-            meta = {"orig_shape": (h0, w0), "input_shape": (imgsz, imgsz), "ratio": ratio, "pad": pad,
+            meta = {"orig_shape": (h0, w0), "input_shape": hw(imgsz), "ratio": ratio, "pad": pad,
                     "gain": (max(nw, 1) / w0, max(nh, 1) / h0)}
             self.items.append((lb, meta, gt))
         if not self.items:
@@ -465,7 +466,7 @@ def quantize_int8_nncf(
     fp32_onnx: str | Path,
     out_onnx: str | Path,
     calib_images: Sequence[str | Path],
-    imgsz: int,
+    imgsz: ImgSz,
     preset: Literal["mixed", "performance"] = "mixed",
     fast_bias_correction: bool = True,
     exclude_head: bool = True,
@@ -626,7 +627,7 @@ def quantize_int8_with(
     fp32_onnx: str | Path,
     out_onnx: str | Path,
     calib_images: Sequence[str | Path],
-    imgsz: int,
+    imgsz: ImgSz,
     info: Optional[dict] = None,
 ) -> Path:
     """The INT8 step of export and build: ``engine`` ``ort`` (``quantize_int8``) or ``nncf``

@@ -9,6 +9,8 @@ import os
 from pathlib import Path
 from typing import Any, Optional
 
+from prune_pack.deploy.export import hw, shape_str
+
 
 def _fmt(v: Any, nd: int = 4) -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
@@ -42,7 +44,7 @@ def plot_latency(report: dict[str, Any], path: str | Path) -> Optional[Path]:
     for c in report.get("candidates", []):
         if c.get("latency_ms") is None:
             continue
-        fams.setdefault(f"{c['backend']} {c['precision']} @{c['imgsz']}", []).append(c)
+        fams.setdefault(f"{c['backend']} {c['precision']} @{shape_str(c['imgsz'])}", []).append(c)
     markers = ["o", "s", "^", "D", "v"]
     for i, (fam, cs) in enumerate(sorted(fams.items())):
         cs = sorted(cs, key=lambda c: c["ratio"])
@@ -66,7 +68,7 @@ def plot_latency(report: dict[str, Any], path: str | Path) -> Optional[Path]:
                 label=f"shipped (fine-tuned) {report['achieved_ms']:.1f} ms" + (f", {v.get('steps')} step" if v.get("steps") else ""))
     ax.set_xlabel("channels removed (achieved ratio)")
     ax.set_ylabel(f"{pct} latency on the device (ms)")
-    ax.set_title(f"Latency vs pruning ({report.get('threads')} threads, {report.get('imgsz')}x{report.get('imgsz')})")
+    ax.set_title(f"Latency vs pruning ({report.get('threads')} threads, {_wxh(report.get('imgsz', 640))})")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="upper right")
     fig.tight_layout()
@@ -76,15 +78,21 @@ def plot_latency(report: dict[str, Any], path: str | Path) -> Optional[Path]:
     return path
 
 
+def _wxh(imgsz: Any) -> str:
+    h, w = hw(imgsz)
+    return f"{w}x{h}"
+
+
 def write_markdown(report: dict[str, Any], path: str | Path, plot_name: Optional[str]) -> Path:
     pct = report["percentile"]
     before, after = report.get("accuracy_before") or {}, report.get("accuracy_after") or {}
     lines = [
         f"# prune-pack build: {report.get('model_name', 'model')}",
         "",
-        f"**Target** {report['target_ms']:g} ms at {pct} ({report.get('threads')} threads, {report.get('imgsz')}x{report.get('imgsz')}, "
+        f"**Target** {report['target_ms']:g} ms at {pct} ({report.get('threads')} threads, {_wxh(report.get('imgsz', 640))}, "
         f"{report.get('backend')} {report.get('precision')}, device `{report.get('device')}`)  ",
-        f"**Achieved** {_fmt(report.get('achieved_ms'), 2)} ms (verified on the device after fine-tuning; "
+        f"**Achieved** {_fmt(report.get('achieved_ms'), 2)} ms (the package verified on the device"
+        f"{' after fine-tuning' if (report.get('chosen') or {}).get('ratio') else ''}; "
         f"unpruned {_fmt(report.get('baseline_ms'), 2)} ms)  ",
         f"**Lever** {report.get('lever')} — {report.get('reason', '')}  ",
         f"**Prune ratio** requested {_fmt((report.get('chosen') or {}).get('ratio'), 2)}, achieved {_fmt(report.get('achieved_ratio'), 3)}  ",

@@ -60,6 +60,9 @@ class BuildSection:
     precision: Literal["auto", "fp32", "int8", "bf16"] = "auto"
     backend: Literal["auto", "ort", "openvino"] = "auto"  # auto: what the device has (a remote device: ort)
     imgsz_steps: int = 2  # precision auto: also try inputs 32, 64, ... pixels smaller (gated), 0 = never
+    # precision auto: also try a rectangular input of the dataset's median aspect ratio (640x480 for
+    # 4:3 images), which drops the square input's letterbox padding (gated); square = never
+    input_shape: Literal["auto", "square"] = "auto"
     device: str = "local"  # local, or a device id reached over MQTT (mqtt section)
     profile_timeout_s: float = 300.0  # remote profile answer timeout
     out: str = "build"

@@ -113,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("export", parents=[common], help="export to ONNX (optionally INT8) with a parity check, and pack")
     e.add_argument("--model", metavar="PT", required=True)
-    e.add_argument("--imgsz", type=int, help="input size (default 640)")
+    e.add_argument("--imgsz", help="input size: 640 (square, the default) or WIDTHxHEIGHT, e.g. 640x384 for a 16:9 camera")
     e.add_argument("--int8", action="store_true", help="static INT8 quantization (needs --data for calibration and the accuracy gate)")
     e.add_argument("--data", metavar="YAML")
     e.add_argument("--dynamic", action="store_true", help="dynamic batch dimension")

@@ -198,15 +198,19 @@ def _trainer_class() -> type:
     return PrunedDetectionTrainer
 
 
+def per_class_map(box: Any, names: dict[int, str]) -> dict[str, float]:
+    """{class name: mAP50-95} of an Ultralytics ``Metric`` (``metrics.box``), for the classes in the val labels."""
+    return {str(names.get(int(c), int(c))): round(float(box.ap[i].mean() if box.ap.ndim > 1 else box.ap[i]), 5)
+            for i, c in enumerate(box.ap_class_index)}
+
+
 def _metrics_from_validator(validator: Any, names: dict[int, str]) -> Optional[dict]:
     """mAP50-95, mAP50 and per-class mAP50-95 (classes present in the val labels) of the last run."""
     m = getattr(validator, "metrics", None)
     box = getattr(m, "box", None)
     if box is None:
         return None
-    per_class = {}
-    for i, c in enumerate(box.ap_class_index):
-        per_class[str(names.get(int(c), int(c)))] = round(float(box.ap[i].mean() if box.ap.ndim > 1 else box.ap[i]), 5)
+    per_class = per_class_map(box, names)
     return {
         "map50_95": round(float(box.map), 5),
         "map50": round(float(box.map50), 5),
@@ -543,7 +547,8 @@ def validate(
         if metrics is None:
             raise RuntimeError("the validator returned no detection metrics")
         sz = validator.args.imgsz  # a static ONNX overrides the requested size with its own
-        metrics["imgsz"] = int(sz[0] if isinstance(sz, (list, tuple)) else sz)
+        h, w = (int(v) for v in sz) if isinstance(sz, (list, tuple)) else (int(sz), int(sz))
+        metrics["imgsz"] = h if h == w else [h, w]
         metrics["images"] = int(validator.seen or 0)
         return metrics
 

@@ -10,8 +10,9 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional, Sequence
 
+import numpy as np
 import yaml
 
 from prune_pack.agent.package import sha256_file  # noqa: F401 - re-exported for host modules
@@ -145,3 +146,22 @@ def dataset_images(data_yaml: str | Path, split: str = "val", limit: int | None 
             files += [Path(line.strip()) if Path(line.strip()).is_absolute() else root / line.strip()
                       for line in sp.read_text().splitlines() if line.strip()]
     return files[:limit] if limit else files
+
+
+def median_aspect(images: Sequence[str | Path], sample: int = 1000) -> Optional[float]:
+    """Median height / width of the images (at most ``sample`` of them, evenly spread); None if none
+    is readable. Reads headers only: seconds for thousands of files."""
+    from PIL import Image
+
+    images = list(images)
+    step = max(1, len(images) // sample)
+    ratios: list[float] = []
+    for p in images[::step]:
+        try:
+            with Image.open(p) as im:
+                w, h = im.size
+        except Exception:  # noqa: BLE001 - unreadable files are the trainer's problem, not the shape's (with
+            continue  # Ultralytics imported, PIL's open of a broken file can even raise ModuleNotFoundError for pi_heif)
+        if w > 0 and h > 0:
+            ratios.append(h / w)
+    return float(np.median(ratios)) if ratios else None

@@ -192,6 +192,49 @@ def test_target_already_met_still_exports_packages_and_reports(tiny, tmp_path):
     assert "build: pruning" not in r.stderr
 
 
+def _squashed_copy(data: Path, dst: Path, aspect: float) -> Path:
+    """The dataset with every image resized to height = aspect x width (normalised labels are unchanged)."""
+    import cv2
+
+    from prune_pack.pruning.sources import dataset_images, resolve_dataset
+
+    src = resolve_dataset(data, dst / "resolved")
+    for split in ("train", "val"):
+        for img in dataset_images(src, split):
+            rel = Path("images") / split / img.name
+            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+            im = cv2.imread(str(img))
+            cv2.imwrite(str(dst / rel), cv2.resize(im, (im.shape[1], round(im.shape[1] * aspect))))
+            lab = dst / "labels" / split / (img.stem + ".txt")
+            lab.parent.mkdir(parents=True, exist_ok=True)
+            lab.write_text((img.parent.parent.parent / "labels" / split / (img.stem + ".txt")).read_text())
+    cfg = yaml.safe_load(Path(data).read_text())
+    cfg.update(path=str(dst), train="images/train", val="images/val")
+    (dst / "data.yaml").write_text(yaml.safe_dump(cfg))
+    return dst / "data.yaml"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_4_3_dataset_adds_its_rectangular_input_to_the_levers(tiny, tmp_path):
+    pt, data = tiny
+    rect = _squashed_copy(data, tmp_path / "rect", 0.75)
+    cfg = _config(tmp_path / "c.yaml", build={"precision": "auto", "backend": "ort"})
+    out = tmp_path / "out"
+    r = _cli(["--model", str(pt), "--data", str(rect), "--target-ms", "100000", "--imgsz", str(IMGSZ),
+              "--config", str(cfg), "--out", str(out), "--json"], tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    # 224 wide, 0.75 x 224 = 168 rounded up to the stride: 224x192 (w x h), for FP32 and for INT8
+    assert "0.75 as high as wide (median): also trying the input 224x192" in r.stderr
+    levers = next(line for line in r.stderr.splitlines() if "levers " in line)
+    assert "ort-fp32-224x192-r0.000, ort-int8-224-r0.000, ort-int8-224x192-r0.000" in levers
+    assert _last_json(r.stdout)["imgsz"] == IMGSZ  # the unpruned square model met the target: nothing else measured
+
+    square = _cli(["--model", str(pt), "--data", str(data), "--target-ms", "100000", "--imgsz", str(IMGSZ),
+                   "--config", str(cfg), "--out", str(tmp_path / "out2"), "--json"], tmp_path)
+    assert square.returncode == 0 and "also trying the input" not in square.stderr and "x192" not in square.stderr
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_unreachable_target_fails_clearly_and_leaves_the_folder_as_it_was(tiny, tmp_path):

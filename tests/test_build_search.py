@@ -186,7 +186,7 @@ def test_pruning_plus_int8_when_int8_alone_is_not_enough():
 
 def _sized(c: Candidate) -> float:
     """INT8 at 0.6x FP32; latency proportional to the pixel count."""
-    return smooth(c) * (0.6 if c.precision == "int8" else 1.0) * (c.imgsz / 640) ** 2
+    return smooth(c) * (0.6 if c.precision == "int8" else 1.0) * c.pixels / 640 ** 2
 
 
 def test_a_smaller_input_comes_before_pruning_and_hopeless_sizes_are_not_measured():
@@ -209,6 +209,50 @@ def test_a_smaller_input_comes_before_pruning_and_hopeless_sizes_are_not_measure
     res = search(dev, levers, 15.0, "p95", RATIOS, gate=lambda c: True)
     assert res.chosen is not None and res.chosen.ratio > 0
     assert not any(k.split("-")[2] != "640" for k in dev.calls[:2]) and sum("-512-" in k for k in dev.calls) <= 1
+
+
+def test_camera_shape_holds_the_aspect_at_full_resolution():
+    from prune_pack.deploy.build import camera_shape
+
+    assert camera_shape(480 / 640, 640) == (480, 640)  # 4:3: nothing but padding is dropped
+    assert camera_shape(1080 / 1920, 640) == (384, 640)  # 16:9: 360 rounded up to the stride
+    assert camera_shape(640 / 480, 640) == (640, 480)  # portrait
+    assert camera_shape(427 / 640, 608) == (416, 608)
+    for aspect in (1.0, 0.99, 1.02, None, 0.0):  # square-ish or unknown: the square is the shape
+        assert camera_shape(aspect, 640) is None
+
+
+def test_rectangular_input_is_tried_before_int8_and_int8_rect_after_int8():
+    from prune_pack.deploy.build import plan_levers
+
+    levers = plan_levers("auto", "auto", 640, ["ort", "openvino"], bf16=True, sizes=[608, 576], aspect=0.75)
+    assert [(c.backend, c.precision, c.imgsz) for c in levers] == [
+        ("ort", "fp32", 640), ("openvino", "fp32", 640), ("openvino", "bf16", 640), ("openvino", "bf16", (480, 640)),
+        ("openvino", "int8", 640), ("openvino", "int8", (480, 640)), ("openvino", "int8", (480, 608)),
+        ("openvino", "int8", (448, 576))]
+    assert levers[3].key == "openvino-bf16-640x480-r0.000"  # width x height, like a camera resolution
+    # square images: no rectangular lever at all
+    assert all(isinstance(c.imgsz, int) for c in plan_levers("ort", "auto", 640, ["ort"], False, [608], aspect=1.0))
+    # JSON state turns (h, w) into a list: the candidate is the same (hashable, same key)
+    c = Candidate(**{**levers[3].to_dict(), "imgsz": [480, 640]})
+    assert c == levers[3] and hash(c) == hash(levers[3]) and Candidate(imgsz=(640, 640)).imgsz == 640
+
+    # bf16 at 640 misses 30 ms (31.2 ms); 640x480 (23.4 ms) meets it: chosen without INT8 or pruning.
+    def table(c: Candidate) -> float:
+        return smooth(c) * 52.0 / 60.0 * c.pixels / 640 ** 2 * {"fp32": 1.0, "bf16": 0.6, "int8": 0.45}[c.precision]
+
+    dev = Device(table)
+    gated = []
+    res = search(dev, levers, 30.0, "p95", RATIOS, gate=lambda c: gated.append(c.key) or True)
+    assert res.chosen == levers[3] and res.lever == "backend+precision+imgsz"
+    assert dev.calls == [lv.key for lv in levers[:4]] and gated[-1] == levers[3].key
+
+    # The rectangle fails its gate (the images are not what the camera sees): INT8 square next,
+    # and the rectangular INT8 and smaller sizes are not measured once INT8 square fails its gate too.
+    dev = Device(table)
+    res = search(dev, levers, 20.0, "p95", RATIOS, gate=lambda c: c.imgsz == 640 and c.precision != "int8")
+    assert levers[5].key not in dev.calls and levers[6].key not in dev.calls
+    assert (res.chosen.backend, res.chosen.precision, res.chosen.imgsz) == ("openvino", "bf16", 640) and res.chosen.ratio > 0
 
 
 def test_a_smaller_input_is_not_tried_when_its_precision_failed_the_gate():

@@ -210,3 +210,29 @@ def test_detections_match_ultralytics(backend, precision, request, tmp_path):
         assert_same_detections(ref, mine, min_iou, dconf, f"{backend}/{precision} {p.name}")
         total += len(ref)
     assert total > 10  # the images do contain objects: the comparison is not vacuous
+
+
+@pytest.mark.parametrize("backend", [pytest.param(b, marks=[] if b in available_backends() else
+                                                  [pytest.mark.skip(reason=f"{b} is not installed")]) for b in ("ort", "openvino")])
+def test_rectangular_input_detections_match_ultralytics(backend, coco_pt, tmp_path):
+    """A 16:9 input (320x192, w x h, our exporter): the agent letterboxes to the model's own shape and
+    maps boxes back like Ultralytics' predictor does on the same file."""
+    pytest.importorskip("ultralytics")
+    from ultralytics import YOLO
+
+    from prune_pack.deploy.export import export_onnx
+
+    onnx = export_onnx(coco_pt, tmp_path / "rect.onnx", imgsz=(192, 320))
+    ref_model = YOLO(str(onnx), task="detect")
+    det = Detector(load_session(onnx, backend=backend, precision="fp32", threads=2, cache_dir=tmp_path / "cache"),
+                   conf=CONF, iou=0.7)
+    assert det.input_shape[-2:] == (192, 320)
+    min_iou, dconf = TOL[(backend, "fp32")]
+    total = 0
+    for p in _images():  # portrait (bus), landscape (zidane) and COCO images of both kinds
+        img = cv2.imread(str(p))
+        ref = ref_model.predict(img, imgsz=[192, 320], conf=CONF, iou=0.7, verbose=False)[0].boxes.data.cpu().numpy()
+        mine, _ = det.detect_array(img)
+        assert_same_detections(ref, mine, min_iou, dconf, f"{backend} 320x192 {p.name}")
+        total += len(ref)
+    assert total > 5

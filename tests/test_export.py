@@ -141,6 +141,23 @@ def test_cli_export_bare_onnx_and_one_line_errors(tiny_pt, tmp_path, capsys):
     assert main(["export", "--model", str(tiny_pt), "--imgsz", "100", "--out", str(tmp_path / "x.ppk")]) == 2
     assert "multiple of 32" in capsys.readouterr().err
 
+    # WIDTHxHEIGHT: a 16:9 camera's input, no letterbox padding spent on the sky
+    assert main(["export", "--model", str(tiny_pt), "--imgsz", "320x192", "--out", str(out), "--json"]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert _ort(out).get_inputs()[0].shape == [1, 3, 192, 320] and res["parity"]["imgsz"] == [192, 320]
+    for bad, why in (("320x200", "multiple of 32"), ("320x", "WIDTHxHEIGHT"), ("axb", "WIDTHxHEIGHT"), ("1x2x3", "WIDTHxHEIGHT")):
+        assert main(["export", "--model", str(tiny_pt), "--imgsz", bad, "--out", str(tmp_path / "x.ppk")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and why in err[0] and bad in err[0], err
+
+
+def test_parse_imgsz_is_width_by_height():
+    from prune_pack.deploy.export import hw, parse_imgsz, shape_str
+
+    assert parse_imgsz("640") == 640 and parse_imgsz(640) == 640 and parse_imgsz("640x640") == 640
+    assert parse_imgsz("640x384") == (384, 640) and parse_imgsz("480×640") == (640, 480)
+    assert hw(parse_imgsz("640x384")) == (384, 640) and shape_str((384, 640)) == "640x384" and shape_str(640) == "640"
+
 
 def test_json_output_is_the_only_stdout_line(tiny_pt, tmp_path):
     """Ultralytics' exporter logs to stdout; with --json that goes to stderr, so scripts can parse stdout whole."""

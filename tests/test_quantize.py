@@ -109,3 +109,29 @@ def test_int8_export_of_coco_model_gate_both_directions(coco_pt, small_coco, tmp
     with pytest.raises(AccuracyGateError, match=rf"mAP50-95 {v['int8']:.4f} vs FP32 {v['fp32']:.4f}"):
         export_package(coco_pt, tmp_path / "refused.ppk", max_map_drop=drop - 0.002, **kw)
     assert not (tmp_path / "refused.ppk").exists()
+
+
+def test_rectangular_int8_package_runs_on_the_agent_at_its_own_shape(coco_pt, small_coco, tmp_path):
+    """A 5:4 input (320x256, w x h): quantized on rectangular letterboxes, gated on the val split at
+    that shape, and run by the agent's detector at the package's own shape (detection parity with
+    Ultralytics at a rectangular shape: tests/test_detect.py)."""
+    import cv2
+
+    from prune_pack.agent.backends import load_session
+    from prune_pack.agent.detect import Detector
+    from prune_pack.agent.package import verify_package
+
+    r = export_package(coco_pt, tmp_path / "rect.ppk", imgsz=(256, 320), int8=True, data_yaml=small_coco, calib_images=8,
+                       max_map_drop=0.5, latency_runs=0, registry=tmp_path / "versions.json")
+    v = {e["precision"]: e["map50_95"] for e in r["validated"] if e["backend"] == "ort"}
+    assert v["fp32"] > 0.2 and v["int8"] > 0.5 * v["fp32"], v
+    vp = verify_package(tmp_path / "rect.ppk", allow_unsigned=True, staging_root=tmp_path / "stage")
+    assert vp.manifest["imgsz"] == [256, 320] and vp.manifest["input"]["shape"] == [1, 3, 256, 320]
+    det = Detector(load_session(vp.model_path, "ort", None, 2), conf=0.25)
+    assert det.input_shape[-2:] == (256, 320)
+    found = 0
+    for p in dataset_images(small_coco, "val")[:6]:
+        img = cv2.imread(str(p))
+        boxes, _ = det.detect_array(img)
+        found += len(boxes)
+    assert found >= 5

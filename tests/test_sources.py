@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -99,3 +100,17 @@ def test_read_only_dataset_is_mirrored_so_caches_land_elsewhere(tmp_path):
     finally:
         for d in [ds] + sorted(ds.rglob("*")):
             d.chmod(d.stat().st_mode | 0o200)
+
+
+def test_median_aspect_reads_headers_and_skips_unreadable_files(tmp_path):
+    import cv2
+
+    from prune_pack.pruning.sources import median_aspect
+
+    files = []
+    for i, (h, w) in enumerate([(480, 640), (480, 640), (427, 640), (640, 480), (720, 1280)]):
+        files.append(tmp_path / f"{i}.jpg")
+        cv2.imwrite(str(files[-1]), np.full((h, w, 3), 128, np.uint8))
+    (tmp_path / "broken.jpg").write_bytes(b"not an image")
+    assert median_aspect(files + [tmp_path / "broken.jpg", tmp_path / "missing.jpg"]) == pytest.approx(0.75)
+    assert median_aspect([tmp_path / "broken.jpg"]) is None and median_aspect([]) is None
