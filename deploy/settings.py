@@ -8,7 +8,7 @@ from typing import Literal, Optional
 
 @dataclass
 class PruneSection:
-    criterion: str = "auto"  # l1, l2, bn_scale, taylor, act_var, or auto (the measured default)
+    criterion: str = "auto"  # l1, l2, bn_scale, taylor, act_var, lsq, or auto (the measured default: lsq with lsq compensation)
     max_layer_ratio: float = 0.75  # no layer loses more than this share of its channels
     round_to: int = 16  # prunable widths are multiples of this (ORT's AVX-512 blocks); small layers are kept whole
     calib_images: int = 128  # train images for data-aware criteria, least squares and BN statistics

@@ -82,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("prune", parents=[common], help="remove whole channels from a detection model")
     p.add_argument("--model", metavar="PT", required=True)
     p.add_argument("--ratio", type=float, required=True, help="fraction of prunable output channels to remove, before rounding")
-    p.add_argument("--criterion", help="l1, l2, bn_scale, taylor, act_var (default: the measured best)")
+    p.add_argument("--criterion", help="l1, l2, bn_scale, taylor, act_var, lsq (default: the measured best, lsq)")
     p.add_argument("--data", metavar="YAML", help="calibration data for data-aware criteria and bias compensation")
     p.add_argument("--imgsz", type=int, default=640)
     p.add_argument("--allocation", choices=["uniform", "global", "sensitivity"], help="how the ratio is spread over layers (default: sensitivity)")

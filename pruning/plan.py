@@ -24,7 +24,7 @@ import torch.nn as nn
 
 from prune_pack.errors import UserInputError
 from prune_pack.pruning.graph import ChannelGroup
-from prune_pack.pruning.importance import CalibContext, run_with_input_hooks
+from prune_pack.pruning.importance import CalibContext, ridged, run_with_input_hooks
 
 ProgressFn = Callable[[str], None]
 
@@ -431,10 +431,7 @@ def lsq_refit(conv: nn.Conv2d, gram: torch.Tensor, count: int, gone: list[int],
         new[:, kept_ch] = w_old.view(cout, cin, kk)[:, kept_ch]
         return new.view_as(conv.weight).to(conv.weight.dtype), w_old[:, gone_cols] @ mean[gone_cols]
     w_full = torch.cat([w_old, torch.zeros(cout, 1, dtype=torch.float64)], 1)
-    A = gram[cols][:, cols]
-    # Fewer samples than unknowns (small maps, few images) would overfit: regularise harder.
-    lam = ridge * max(1.0, len(cols) / max(1, count))
-    A = A + lam * A.diagonal().mean() * torch.eye(len(cols), dtype=A.dtype)
+    A = ridged(gram[cols][:, cols], count, ridge)  # fewer samples than unknowns would overfit: more ridge
     sol = torch.linalg.solve(A, gram[cols] @ w_full.T).T  # Cout x (kept + 1)
     new[:, kept_ch] = sol[:, :-1].reshape(cout, len(kept_ch), kk)
     return new.view_as(conv.weight).to(conv.weight.dtype), sol[:, -1]

@@ -84,8 +84,13 @@ def prune_model(
         raise UserInputError(f"allocation '{allocation}': choose from {', '.join(ALLOCATIONS)}")
     if imgsz < 32 or imgsz % 32:
         raise UserInputError(f"--imgsz {imgsz}: expected a positive multiple of 32")
-    criterion = I.DEFAULT_CRITERION if criterion in (None, "", "auto") else criterion
+    lsq_fit = bias_compensation and reconstruct
+    if criterion in (None, "", "auto"):
+        criterion = "lsq" if lsq_fit else I.DEFAULT_CRITERION  # the error the refit leaves, when there is a refit
     I.get_criterion(criterion)  # unknown names fail before any work
+    if criterion == "lsq" and not lsq_fit:
+        raise UserInputError("criterion 'lsq' scores the error left after the least-squares refit: "
+                             "it needs compensation 'lsq' (the default)")
     log = (lambda msg: print(f"prune: {msg}", file=sys.stderr, flush=True)) if progress else (lambda msg: None)
     t0 = time.monotonic()
 
@@ -119,11 +124,18 @@ def prune_model(
         sens_source = I.load_images(paths[:sens_images], sens_imgsz or min(imgsz, 320))
     ctx = I.CalibContext(model=model, images=images)
     if ratio > 0:
-        lsq = bias_compensation and reconstruct
-        ctx.in_stats, grams = _calibrate(model, groups, ctx, lsq, calib_cache, (base_sha, str(data_yaml), imgsz, len(images)))
-        if criterion == "taylor":
-            ctx.grads = I.taylor_scores(model, groups, ctx.images)
-        scores = I.group_scores(groups, criterion, ctx)
+        lsq = lsq_fit
+        key = (base_sha, str(data_yaml), imgsz, len(images))
+        ctx.in_stats, grams = _calibrate(model, groups, ctx, lsq, calib_cache, key)
+        ctx.grams = grams or {}
+        scores = calib_cache.get((key, criterion)) if calib_cache is not None else None
+        if scores is None:  # the ranking does not depend on the ratio: a build computes it once
+            if criterion == "taylor":
+                ctx.grads = I.taylor_scores(model, groups, ctx.images)
+            log(f"scoring channels ({criterion})")
+            scores = I.group_scores(groups, criterion, ctx)
+            if calib_cache is not None:
+                calib_cache[(key, criterion)] = scores
 
         if allocation == "uniform":
             plan = P.uniform_plan(groups, ratio, round_to, max_layer_ratio)

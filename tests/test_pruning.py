@@ -120,7 +120,8 @@ def test_rounding_never_overprunes_small_layers():
     assert P.rounded_keep(30, 0.2, 8, 0.75) in (24, 30)
 
 
-@pytest.mark.parametrize("allocation,criterion", [("uniform", "l1"), ("global", "bn_scale"), ("sensitivity", "act_var")])
+@pytest.mark.parametrize("allocation,criterion", [("uniform", "l1"), ("global", "bn_scale"), ("sensitivity", "act_var"),
+                                                 ("sensitivity", "auto")])
 def test_prune_model_shapes_and_info(tiny_pt, bus_tensor, allocation, criterion):
     yolo, info = prune_model(tiny_pt, 0.3, criterion=criterion, imgsz=IMGSZ, allocation=allocation, progress=False,
                              sens_images=2, sens_imgsz=32)
@@ -131,7 +132,7 @@ def test_prune_model_shapes_and_info(tiny_pt, bus_tensor, allocation, criterion)
     assert out.shape == ref.shape == (1, 4 + 3, (IMGSZ // 8) ** 2 + (IMGSZ // 16) ** 2 + (IMGSZ // 32) ** 2)
     assert info["params_after"] < info["params_before"] and info["gflops_after"] < info["gflops_before"]
     assert 0.15 < info["achieved_ratio"] < 0.45 and info["requested_ratio"] == 0.3
-    assert info["criterion"] == criterion and len(info["base_sha256"]) == 64
+    assert info["criterion"] == ("lsq" if criterion == "auto" else criterion) and len(info["base_sha256"]) == 64
     widths = info["widths"]
     assert sum(o - n for o, n in widths.values()) == info["channels_before"] - info["channels_after"]
     for name, (orig, new) in widths.items():
@@ -140,6 +141,18 @@ def test_prune_model_shapes_and_info(tiny_pt, bus_tensor, allocation, criterion)
     head = yolo.model.model[-1]
     assert [s[-1].out_channels for s in head.cv2] == [64] * 3 and [s[-1].out_channels for s in head.cv3] == [3] * 3
     assert "bus.jpg" in info["calibration"]
+
+
+def test_a_build_prunes_several_ratios_from_one_calibration_and_ranking(tiny_pt):
+    kw = dict(imgsz=IMGSZ, progress=False, sens_images=2, sens_imgsz=32, criterion="act_var")
+    cache: dict = {}
+    _, first = prune_model(tiny_pt, 0.2, calib_cache=cache, **kw)
+    kept = {k: id(v) for k, v in cache.items()}
+    assert any(isinstance(k, tuple) and k[-1] == "act_var" for k in cache)  # the channel ranking is cached too
+    _, cached = prune_model(tiny_pt, 0.3, calib_cache=cache, **kw)
+    assert {k: id(v) for k, v in cache.items()} == kept  # nothing recomputed
+    _, fresh = prune_model(tiny_pt, 0.3, **kw)
+    assert cached["widths"] == fresh["widths"] and cached["achieved_ratio"] > first["achieved_ratio"]
 
 
 def test_fresh_process_reload_predict_export(tiny_pt, tmp_path):
@@ -212,6 +225,38 @@ def test_bias_compensation_reduces_output_error(coco_pt, coco128_yaml):
     assert errs["lsq"] < errs["mean"] < errs["none"], errs
 
 
+def test_lsq_criterion_removes_one_of_two_twins_first_and_keeps_the_other(coco_pt, coco128_yaml):
+    """Make one channel of model.3 an exact copy of its most informative channel (same filter and
+    BatchNorm): act_var ranks the pair first (keeps both), while ``lsq`` (the error left after the
+    consumers' least-squares refit, one channel at a time) removes one twin first, since the other
+    predicts it, and then keeps the other, which nothing predicts any more."""
+    from prune_pack.pruning.sources import dataset_images
+
+    model = G.make_prunable(_model(coco_pt))
+    dg, groups = G.build_groups(model)
+    g = next(g for g in groups if g.name == "model.3")
+    calib = I.load_images(dataset_images(coco128_yaml, "train", limit=8), 160)
+    ctx = I.CalibContext(model=model, images=calib)
+    ctx.in_stats = I.collect_input_stats(model, groups, calib)
+    best = int(I.act_var(g, ctx).argmax())
+    copy_to = int(I.act_var(g, ctx).argmin())
+    conv, bn = g.producers[0][0], g.producers[0][1]
+    with torch.no_grad():
+        conv.weight[copy_to] = conv.weight[best]
+        for t in (bn.weight, bn.bias, bn.running_mean, bn.running_var):
+            t[copy_to] = t[best]
+    ctx.in_stats = I.collect_input_stats(model, groups, calib)
+    ctx.grams = P.input_grams(model, {c for c, _, _ in g.consumers}, calib)
+    av, order = I.act_var(g, ctx), I.lsq_order(g, ctx)
+    assert int(av.argmax()) in (best, copy_to)
+    first = int(P.lowest(order, 1)[0])
+    assert first in (best, copy_to)
+    other = copy_to if first == best else best
+    assert float(order[other]) > float(order.median())  # once its twin is gone, it carries the information
+    with pytest.raises(UserInputError, match="needs compensation 'lsq'"):
+        prune_model(coco_pt, 0.1, criterion="lsq", reconstruct=False, progress=False)
+
+
 def test_bn_recalibration_matches_the_calibration_statistics(coco_pt, coco128_yaml):
     """After ``recalibrate_bn`` every BatchNorm's running mean/var are its input's statistics on
     the calibration images (over all of them, whatever the batch), and the model's outputs change."""
@@ -244,6 +289,7 @@ def test_taylor_and_every_criterion_score_each_channel(coco_pt):
     ctx.in_stats = I.collect_input_stats(model, groups, ctx.images)
     ctx.grads = I.taylor_scores(model, groups, ctx.images)
     assert all(p.grad is None for p in model.parameters())
+    # lsq (~20 s on all groups): test_prune_model_shapes_and_info[sensitivity-auto] and the twin test
     for name in ("l1", "l2", "bn_scale", "taylor", "act_var"):
         scores = I.group_scores(groups, name, ctx)
         for g in groups:
@@ -305,7 +351,7 @@ def test_prune_calibrates_on_a_read_only_dataset(tiny_pt, tmp_path):
     for f in [ds, *ds.rglob("*")]:
         f.chmod(f.stat().st_mode & ~(stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
     try:
-        yolo, info = prune_model(tiny_pt, 0.2, data_yaml=ds / "data.yaml", imgsz=64, progress=False)
+        yolo, info = prune_model(tiny_pt, 0.2, data_yaml=ds / "data.yaml", imgsz=64, criterion="act_var", progress=False)
         assert info["calib_images"] == 2 and "train split, 2 images" in info["calibration"]
         assert info["achieved_ratio"] > 0
         assert sorted(p.name for p in ds.rglob("*")) == sorted(["images", "labels", "train", "val", "train", "val", "data.yaml",
