@@ -2,7 +2,7 @@
 interleaved), mAP50-95 before and after a fixed fine-tuning budget, per criterion/allocation.
 
     python bench/pruning.py --model ../shared/models/yolov8n-coco.pt --data ../shared/data/coco128/data.yaml \
-        --ratios 0.1 0.2 --configs l1:uniform:nocomp act_var:sensitivity --imgsz 640 --out-dir /tmp/bench-prune
+        --ratios 0.1 0.2 --configs l1:uniform:nocomp lsq:sensitivity --imgsz 640 --out-dir /tmp/bench-prune
 
 Writes ``results.jsonl`` (one line per point) and ``results.md`` (a table) into ``--out-dir``.
 Latency: ONNX Runtime CPU, ``--threads`` intra-op threads, batch 1, random input; the models are
@@ -64,7 +64,7 @@ def main() -> None:
     ap.add_argument("--model", required=True)
     ap.add_argument("--data", required=True)
     ap.add_argument("--ratios", type=float, nargs="+", default=[0.1, 0.2])
-    ap.add_argument("--configs", nargs="+", default=["l1:uniform", "act_var:sensitivity"], help="criterion:allocation[:nocomp|:mean] (default compensation: least squares)")
+    ap.add_argument("--configs", nargs="+", default=["l1:uniform", "lsq:sensitivity"], help="criterion:allocation[:nocomp|:mean] (default compensation: least squares)")
     ap.add_argument("--imgsz", type=int, default=640)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=5)
