@@ -54,7 +54,8 @@ def main() -> int:
     ref_onnx = a.work / f"{a.model.stem}-{a.imgsz}.onnx"
     if not ref_onnx.is_file():
         export_onnx(a.model, ref_onnx, imgsz=a.imgsz)
-    configs = [("unpruned FP32 export", ref_onnx, "openvino", "bf16" if bf16_supported() else "fp32"), ("unpruned FP32 export", ref_onnx, "ort", "fp32"),
+    configs = [("unpruned FP32 export", ref_onnx, "openvino", "bf16" if bf16_supported() else "fp32"),
+               ("unpruned FP32 export", ref_onnx, "ort", "fp32"),
                (a.package.name, vp.model_path, chosen["backend"], chosen["precision"])]
     sessions = []
     for label, path, backend, prec in configs:
