@@ -311,6 +311,13 @@ def lsq_order(group: ChannelGroup, ctx: CalibContext, max_frac: float = 0.75) ->
     return out.float()
 
 
-def group_scores(groups: list[ChannelGroup], criterion: str, ctx: CalibContext) -> dict[str, torch.Tensor]:
+def group_scores(groups: list[ChannelGroup], criterion: str, ctx: CalibContext,
+                 progress: Callable[[str], None] | None = None) -> dict[str, torch.Tensor]:
+    """Every group's channel scores; ``progress`` hears each group (``lsq`` takes ~20 s for YOLOv8n, ~2.5 min for YOLOv8s)."""
     fn = get_criterion(criterion)
-    return {g.name: fn(g, ctx) for g in groups}
+    out = {}
+    for i, g in enumerate(groups):
+        if progress:
+            progress(f"scoring channels ({criterion}) {i + 1}/{len(groups)}: {g.name}")
+        out[g.name] = fn(g, ctx)
+    return out

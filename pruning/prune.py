@@ -132,8 +132,7 @@ def prune_model(
         if scores is None:  # the ranking does not depend on the ratio: a build computes it once
             if criterion == "taylor":
                 ctx.grads = I.taylor_scores(model, groups, ctx.images)
-            log(f"scoring channels ({criterion})")
-            scores = I.group_scores(groups, criterion, ctx)
+            scores = I.group_scores(groups, criterion, ctx, progress=log if criterion == "lsq" else None)
             if calib_cache is not None:
                 calib_cache[(key, criterion)] = scores
 
