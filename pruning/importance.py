@@ -261,18 +261,21 @@ def lsq_order(group: ChannelGroup, ctx: CalibContext, max_frac: float = 0.75) ->
         kk = conv.kernel_size[0] * conv.kernel_size[1]
         w = torch.cat([conv.weight.detach().double().reshape(conv.out_channels, -1),
                        torch.zeros(conv.out_channels, 1, dtype=torch.float64)], 1)  # + the constant (bias) column
-        states.append({"hinv": hinv, "w": w, "kk": kk, "cin": conv.in_channels, "count": count,
+        # hinv and w hold the kept input channels only (in ``chans`` order), then the constant feature.
+        states.append({"hinv": hinv, "w": w, "kk": kk, "chans": list(range(conv.in_channels)), "count": count,
+                       "cin": conv.in_channels, "idxs": torch.tensor(idxs), "roots": torch.tensor(roots),
                        "by_root": {r: [i for i, rr in zip(idxs, roots) if rr == r] for r in set(roots)}})
 
-    def block_scores(st: dict) -> torch.Tensor:  # each input channel's error if it went now
-        kk, cin = st["kk"], st["cin"]
-        f = cin * kk
-        hb = st["hinv"][:f, :f].reshape(cin, kk, cin, kk)
-        ar = torch.arange(cin)
-        blocks = hb[ar, :, ar, :]  # cin x kk x kk
+    def block_scores(st: dict) -> torch.Tensor:  # each input channel's error if it went now (0: gone)
+        kk, n = st["kk"], len(st["chans"])
+        hb = st["hinv"][: n * kk, : n * kk].reshape(n, kk, n, kk)
+        ar = torch.arange(n)
+        blocks = hb[ar, :, ar, :]  # n x kk x kk
         s = torch.linalg.inv(blocks + 1e-12 * torch.eye(kk, dtype=blocks.dtype))
-        wb = st["w"][:, :f].reshape(-1, cin, kk)
-        return torch.einsum("oik,ikl,oil->i", wb, s, wb) / st["count"]
+        wb = st["w"][:, : n * kk].reshape(-1, n, kk)
+        sc = torch.zeros(st["cin"], dtype=torch.float64)
+        sc[torch.tensor(st["chans"])] = torch.einsum("oik,ikl,oil->i", wb, s, wb) / st["count"]
+        return sc
 
     removed: list[int] = []
     alive = set(range(group.size))
@@ -282,26 +285,26 @@ def lsq_order(group: ChannelGroup, ctx: CalibContext, max_frac: float = 0.75) ->
     while len(removed) < todo:
         total = torch.zeros(group.size, dtype=torch.float64)
         for st in states:
-            sc = block_scores(st)
-            for r, ii in st["by_root"].items():
-                total[r] += sc[ii].sum()
+            total.index_add_(0, st["roots"], block_scores(st)[st["idxs"]])
         last = total
         gone = min(alive, key=lambda k: float(total[k]))
         alive.discard(gone)
         removed.append(gone)
         for st in states:
-            kk, blocks = st["kk"], st["by_root"].get(gone, [])
+            kk, blocks = st["kk"], set(st["by_root"].get(gone, []))
             if not blocks:
                 continue
-            cols = torch.cat([torch.arange(i * kk, (i + 1) * kk) for i in blocks])  # every place it is read
-            hinv = st["hinv"]
+            at = [k for k, c in enumerate(st["chans"]) if c in blocks]  # every place it is read
+            cols = torch.cat([torch.arange(k * kk, (k + 1) * kk) for k in at])
+            hinv, w = st["hinv"], st["w"]
             sj = torch.linalg.inv(hinv[cols][:, cols] + 1e-12 * torch.eye(len(cols), dtype=torch.float64))
             row = hinv[cols, :]
-            st["w"] -= st["w"][:, cols] @ sj @ row  # the kept weights' optimal refit
-            hinv -= hinv[:, cols] @ sj @ row  # the inverse Gram of the kept inputs
-            hinv[cols, :] = 0.0
-            hinv[:, cols] = 0.0
-            hinv[cols, cols] = 1.0  # inert: its weights are zero now
+            w = w - w[:, cols] @ sj @ row  # the kept weights' optimal refit
+            hinv = hinv - hinv[:, cols] @ sj @ row  # the inverse Gram of the kept inputs ...
+            keep = torch.ones(hinv.shape[0], dtype=torch.bool)
+            keep[cols] = False  # ... without the removed ones: later steps work on smaller matrices
+            st["hinv"], st["w"] = hinv[keep][:, keep], w[:, keep]
+            st["chans"] = [c for c in st["chans"] if c not in blocks]
     out = torch.empty(group.size, dtype=torch.float64)
     for pos, r in enumerate(removed):
         out[r] = pos
@@ -313,7 +316,7 @@ def lsq_order(group: ChannelGroup, ctx: CalibContext, max_frac: float = 0.75) ->
 
 def group_scores(groups: list[ChannelGroup], criterion: str, ctx: CalibContext,
                  progress: Callable[[str], None] | None = None) -> dict[str, torch.Tensor]:
-    """Every group's channel scores; ``progress`` hears each group (``lsq`` takes ~20 s for YOLOv8n, ~2.5 min for YOLOv8s)."""
+    """Every group's channel scores; ``progress`` hears each group (``lsq`` takes ~12 s for YOLOv8n, ~2 min for YOLOv8s)."""
     fn = get_criterion(criterion)
     out = {}
     for i, g in enumerate(groups):
