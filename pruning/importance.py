@@ -263,8 +263,7 @@ def lsq_order(group: ChannelGroup, ctx: CalibContext, max_frac: float = 0.75) ->
                        torch.zeros(conv.out_channels, 1, dtype=torch.float64)], 1)  # + the constant (bias) column
         # hinv and w hold the kept input channels only (in ``chans`` order), then the constant feature.
         states.append({"hinv": hinv, "w": w, "kk": kk, "chans": list(range(conv.in_channels)), "count": count,
-                       "cin": conv.in_channels, "idxs": torch.tensor(idxs), "roots": torch.tensor(roots),
-                       "by_root": {r: [i for i, rr in zip(idxs, roots) if rr == r] for r in set(roots)}})
+                       "cin": conv.in_channels, "idxs": torch.tensor(idxs), "roots": torch.tensor(roots)})
 
     def block_scores(st: dict) -> torch.Tensor:  # each input channel's error if it went now (0: gone)
         kk, n = st["kk"], len(st["chans"])
@@ -291,7 +290,7 @@ def lsq_order(group: ChannelGroup, ctx: CalibContext, max_frac: float = 0.75) ->
         alive.discard(gone)
         removed.append(gone)
         for st in states:
-            kk, blocks = st["kk"], set(st["by_root"].get(gone, []))
+            kk, blocks = st["kk"], set(st["idxs"][st["roots"] == gone].tolist())
             if not blocks:
                 continue
             at = [k for k, c in enumerate(st["chans"]) if c in blocks]  # every place it is read
