@@ -6,8 +6,23 @@ each component its own section; components never see the raw dict.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Any, Literal, Optional, TypeVar
+
+S = TypeVar("S")
+
+
+def merged(section: S, **flags: Any) -> S:
+    """The one precedence rule: a flag wins over the config section, the section over its defaults.
+
+    A flag left at ``None`` (argparse's "not given") keeps the section's value; every command, host
+    or daemon, resolves its options through this, never with literal defaults of its own.
+    """
+    unknown = [k for k in flags if k not in {f.name for f in dataclasses.fields(section)}]  # type: ignore[arg-type]
+    if unknown:
+        raise TypeError(f"{type(section).__name__} has no field {unknown[0]!r}")
+    return dataclasses.replace(section, **{k: v for k, v in flags.items() if v is not None})  # type: ignore[type-var]
 
 
 @dataclass
