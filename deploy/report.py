@@ -6,8 +6,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 from prune_pack.deploy.export import hw, shape_str
 
@@ -89,7 +90,7 @@ def write_markdown(report: dict[str, Any], path: str | Path, plot_name: Optional
     lines = [
         f"# prune-pack build: {report.get('model_name', 'model')}",
         "",
-        f"**Target** {report['target_ms']:g} ms at {pct} ({report.get('threads')} threads, {_wxh(report.get('imgsz', 640))}, "
+        f"**Target** {report.get('target', '')} = {report['target_ms']:.1f} ms at {pct} ({report.get('threads')} threads, {_wxh(report.get('imgsz', 640))}, "
         f"{report.get('backend')} {report.get('precision')}, device `{report.get('device')}`)  ",
         f"**Achieved** {_fmt(report.get('achieved_ms'), 2)} ms (the package verified on the device"
         f"{' after fine-tuning' if (report.get('chosen') or {}).get('ratio') else ''}; "
@@ -98,6 +99,8 @@ def write_markdown(report: dict[str, Any], path: str | Path, plot_name: Optional
         f"**Prune ratio** requested {_fmt((report.get('chosen') or {}).get('ratio'), 2)}, achieved {_fmt(report.get('achieved_ratio'), 3)}  ",
         f"**Device measurements** {report.get('measurements')} (search {report.get('search_measurements')}, "
         f"verification {report.get('verify_measurements')}; verification steps {(report.get('verification') or {}).get('steps', 0)})  ",
+        f"**Accuracy floor** {_fmt(report.get('max_map_drop', 0) * 100, 1)} points mAP50-95 below the unpruned model "
+        f"(`--max-map-drop`)  ",
         f"**Package** `{Path(str(report.get('package', ''))).name}`",
         "",
     ]
@@ -138,7 +141,8 @@ def write_markdown(report: dict[str, Any], path: str | Path, plot_name: Optional
         lines.append(f"| {k} | {v:.1f} |")
     ctx = report.get("device_context") or {}
     if ctx:
-        lines += ["", "Device: " + ", ".join(f"{k}={v}" for k, v in ctx.items() if isinstance(v, (str, int, float)))[:600]]
+        shown = ", ".join(f"{k}={v}" for k, v in ctx.items() if isinstance(v, (str, int, float, list)) and v is not None)
+        lines += ["", "Device (the shipped package's verification): " + shown[:600]]
     path = Path(path)
     tmp = path.with_suffix(".md.tmp")
     tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
@@ -153,3 +157,91 @@ def write_reports(report: dict[str, Any], out_dir: str | Path) -> dict[str, Opti
     md = write_markdown(report, out_dir / "report.md", png.name if png else None)
     js = write_json(report, out_dir / "report.json")
     return {"json": js, "markdown": md, "plot": png}
+
+
+def assemble_report(opts: Any, pipe: Any, res: Any, ver: Any, levers: Sequence[Any], before: dict,
+                    t_start: float) -> dict[str, Any]:
+    """report.json's content: the search, the verification, accuracy before/after, what each lever cost."""
+    from prune_pack.deploy.search import lever_name, point_estimate, Measurement
+
+    chosen = ver.candidate
+    st = pipe.work.state
+    pct = opts.percentile
+    final_stats = st.search.measurements.get(f"final-{chosen.key}", [])
+    achieved_ms = point_estimate([Measurement(s) for s in final_stats], pct)  # what the decision used
+    pkg_info = st.packages[chosen.key]
+    after = pkg_info.get("after") or {}
+    _, pinfo = pipe.pruned(chosen.ratio)
+    cands = []
+    for k in res.order:
+        d = res.records[k].to_dict(pct)
+        d["achieved_ratio"] = pipe.pruned(d["ratio"])[1].get("achieved_ratio") if d["ratio"] else 0.0
+        cands.append(d)
+    lever = lever_name(levers[0], chosen)
+    metrics = pkg_info.get("metrics") or {}
+    # What each lever cost: precision levers from their accuracy gate, pruning from the recovered result.
+    costs = []
+    for lv in levers[1:]:
+        r = res.records.get(lv.key)
+        if r is None or not r.measurements:
+            continue
+        q = pipe.val_cache.get(lv.key)
+        costs.append({"lever": lever_name(levers[0], lv), "key": lv.key, "latency_ms": r.point(pct),
+                      "map_cost": (before.get("map50_95", 0) - q["map50_95"]) if q else None, "gate": r.gate})
+    if isinstance(after.get("map50_95"), (int, float)) and isinstance(before.get("map50_95"), (int, float)):
+        costs.append({"lever": lever, "key": chosen.key, "latency_ms": achieved_ms,
+                      "map_cost": before["map50_95"] - after["map50_95"], "gate": True})
+    last = final_stats[-1] if final_stats else {}
+    context = {"backend": chosen.backend, "precision": chosen.precision,
+               **{k: last.get(k) for k in ("threads", "runs")}, **(last.get("context") or {})}
+    return {
+        "model": str(pipe.model_pt), "model_name": Path(pipe.model_pt).stem, "data": str(pipe.data_src),
+        "target": str(opts.target), "target_ms": res.target_ms, "percentile": pct, "imgsz": chosen.imgsz,
+        "threads": opts.threads, "backend": chosen.backend, "precision": chosen.precision, "device": opts.device,
+        "max_map_drop": opts.max_map_drop, "lever": lever, "reason": res.reason, "chosen": chosen.to_dict(),
+        "achieved_ratio": pinfo.get("achieved_ratio", 0.0) if chosen.ratio > 0 else 0.0,
+        "achieved_ms": achieved_ms, "baseline_ms": res.baseline_ms,
+        "measurements": res.measurements_used + ver.measurements_used,
+        "search_measurements": res.measurements_used, "verify_measurements": ver.measurements_used,
+        "max_measurements": opts.max_measurements, "candidates": cands,
+        "verification": {"steps": ver.steps, "decision": ver.decision, "records": ver.records},
+        "accuracy_before": before, "accuracy_after": after,
+        "map50_95_before": before.get("map50_95"), "map50_95_after": after.get("map50_95"),
+        "map50_before": before.get("map50"), "map50_after": after.get("map50"),
+        "params_before": pinfo.get("params_before") or metrics.get("params"), "params_after": metrics.get("params"),
+        "gflops_before": pinfo.get("gflops_before") or metrics.get("gflops"), "gflops_after": metrics.get("gflops"),
+        "widths": pinfo.get("widths"), "lever_costs": costs, "finetune": dict(st.recovered),
+        "package_info": {k: pkg_info.get(k) for k in ("name", "version", "precision", "signed", "validated", "parity")},
+        "package_path": pkg_info["out"], "package": str(pipe.work.out / Path(pkg_info["out"]).name),
+        "key": str(pipe.key_path), "phases_s": dict(st.phases_s), "total_s": round(time.monotonic() - t_start, 1),
+        "device_context": context,
+    }
+
+
+def build_result(opts: Any, report: dict[str, Any], out: Path, t_start: float) -> dict[str, Any]:
+    """The CLI's answer: the numbers a script needs, and a summary with the commands to check the package."""
+    pct, achieved, base = report["percentile"], report["achieved_ms"], report["baseline_ms"]
+    chosen = report["chosen"]
+    pkg = report["package"]
+    pub = str(Path(report["key"]).with_suffix(".pub"))
+    result = {
+        "target": report["target"], "target_ms": report["target_ms"], "percentile": pct,
+        "achieved_ms": round(achieved, 3), "baseline_ms": round(base, 3) if base is not None else None,
+        "measurements": report["measurements"], "ratio": chosen["ratio"], "achieved_ratio": report["achieved_ratio"],
+        "lever": report["lever"], "backend": chosen["backend"], "precision": chosen["precision"], "imgsz": chosen["imgsz"],
+        "map50_95_before": report["map50_95_before"], "map50_95_after": report["map50_95_after"],
+        "map50_before": report["map50_before"], "map50_after": report["map50_after"],
+        "max_map_drop": report["max_map_drop"], "verification_steps": report["verification"]["steps"],
+        "package": pkg, "report": str(out / "report.md"), "seconds": round(time.monotonic() - t_start, 1),
+        "profile_command": f"prune-pack profile {pkg} --backend {chosen['backend']} --precision {chosen['precision']}",
+        "verify_command": f"prune-pack verify {pkg} --pubkey {pub}",
+    }
+    result["summary"] = (
+        # A pass decided by a confidence interval may have its point estimate just above the target.
+        f"{pct} {achieved:.1f} ms {'<=' if achieved <= report['target_ms'] else 'at'} target {report['target']} "
+        f"({report['target_ms']:.1f} ms; unpruned {base:.1f} ms) via {report['lever']} (ratio {chosen['ratio']:.2f}, "
+        f"{chosen['backend']}/{chosen['precision']}); mAP50-95 {_fmt(report['map50_95_before'])} -> "
+        f"{_fmt(report['map50_95_after'])} (floor {report['max_map_drop'] * 100:g} points); {report['measurements']} "
+        f"device measurements; wrote {pkg} and {result['report']}\n"
+        f"  profile it: {result['profile_command']}\n  verify it:  {result['verify_command']}")
+    return result

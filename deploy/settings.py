@@ -2,8 +2,38 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Literal, Optional
+
+from prune_pack.errors import UserInputError
+
+
+@dataclass(frozen=True)
+class Target:
+    """A latency target: milliseconds, or (``relative``) a fraction of the unpruned model's latency
+    as measured on the device (``0.7x``: 30 % faster), which means the same on a fast and a slow host."""
+
+    value: float
+    relative: bool = False
+
+    def __str__(self) -> str:
+        return f"{self.value:g}x" if self.relative else f"{self.value:g} ms"
+
+
+def parse_target(text: object) -> Target:
+    """``40`` / ``40ms`` -> 40 ms; ``0.7x`` -> 0.7 of the unpruned latency (0 < x < 1)."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(x|ms)?\s*", str(text))
+    if not m:
+        raise UserInputError(f"target {text!r}: expected milliseconds (40) or a fraction of the unpruned latency (0.7x)")
+    v, unit = float(m.group(1)), m.group(2)
+    if unit == "x":
+        if not 0 < v < 1:
+            raise UserInputError(f"target {text}: a relative target is a fraction of the unpruned latency, between 0 and 1")
+        return Target(v, relative=True)
+    if not v > 0:
+        raise UserInputError(f"target {text}: expected a positive number of milliseconds")
+    return Target(v)
 
 
 @dataclass
@@ -49,13 +79,20 @@ class ExportSection:
 
 @dataclass
 class BuildSection:
-    target_ms: Optional[float] = None
+    # milliseconds (40), or a fraction of the unpruned model's latency on the device (0.7x)
+    target_ms: Optional[str] = None
     percentile: Literal["p50", "p90", "p95", "p99"] = "p95"
     imgsz: int = 640
     threads: int = 2
     epochs: int = 10
     max_ratio: float = 0.7  # the search never removes more than this share of channels
-    max_measurements: int = 8  # device profile calls per build
+    ratio_step: float = 0.05  # the pruning grid: ratio_step, 2 * ratio_step, ... up to max_ratio
+    max_measurements: int = 10  # device profile calls per build (the baseline is measured twice)
+    # The accuracy floor: never package a model whose mAP50-95 is more than this (absolute) below the
+    # unpruned FP32 model at the requested size. 3 points: the loss detector users accept for a
+    # deployment speed-up (INT8 and pruning papers report <= 1 point as lossless, 2-3 as the edge).
+    max_map_drop: float = 0.03
+    recovery_epochs: Optional[int] = None  # short recovery after a verification miss (default epochs // 3, >= 1)
     # auto: full-width precision/runtime changes that pass the accuracy gate before any pruning
     precision: Literal["auto", "fp32", "int8", "bf16"] = "auto"
     backend: Literal["auto", "ort", "openvino"] = "auto"  # auto: what the device has (a remote device: ort)

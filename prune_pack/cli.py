@@ -64,7 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("build", parents=[common], help="prune, fine-tune, export and package to meet a latency target on the device")
     b.add_argument("--model", metavar="PT", help="Ultralytics .pt detection model (default: the built-in demo model)")
     b.add_argument("--data", metavar="YAML", help="dataset yaml (default: the built-in demo dataset)")
-    b.add_argument("--target-ms", type=float, required=True, help="latency target in milliseconds")
+    b.add_argument("--target-ms", metavar="MS|Fx", help="latency target: milliseconds (40), or a fraction of the unpruned "
+                   "model's latency measured on the device (0.7x = 30 %% faster); default: build.target_ms in --config")
+    b.add_argument("--max-map-drop", type=float, dest="max_map_drop", metavar="POINTS",
+                   help="accuracy floor: never package a model more than this many points mAP50-95 below the unpruned one (default 3)")
     b.add_argument("--percentile", choices=["p50", "p90", "p95", "p99"], help="latency percentile the target applies to (default p95)")
     b.add_argument("--imgsz", type=int, help="input size (default 640; the built-in demo: 896)")
     b.add_argument("--threads", type=int, help="inference threads on the device (default 2)")

@@ -61,6 +61,14 @@ class TargetUnreachable(PrunePackError):
     exit_code = 5
 
 
+class AccuracyFloorError(TargetUnreachable):
+    """Meeting the target would package a model below the accuracy floor (build.max_map_drop)."""
+
+
+class DeviceTooNoisy(TargetUnreachable):
+    """The device's measurements were too noisy to decide (a busy machine): undecided, nothing shipped."""
+
+
 class ParityError(PrunePackError):
     """The exported ONNX model does not compute what the PyTorch model computes."""
 
