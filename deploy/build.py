@@ -144,7 +144,7 @@ def _search(opts: BuildOptions, pipe: Pipeline, levers: list[Candidate]) -> tupl
         best = res.best()
         best_txt = f"best {best.point(opts.percentile):.1f} ms ({best.candidate.key})" if best else "nothing measured"
         raise TargetUnreachable(
-            f"target {opts.target} ({res.target_ms:.1f} ms) at {opts.percentile} not reachable up to prune ratio "
+            f"target {_target_txt(opts, res)} at {opts.percentile} not reachable up to prune ratio "
             f"{opts.max_ratio:g} ({res.reason}; unpruned {_ms(res.baseline_ms)}, {best_txt}); what could help: "
             f"{suggestions(opts.imgsz, levers)}")
     log(f"chosen {res.chosen.key} ({res.lever}); {res.measurements_used} device measurement(s) so far")
@@ -163,7 +163,7 @@ def check_floor(opts: BuildOptions, res: SearchResult, c: Candidate, before: flo
                    if fastest else "nothing measured is within the floor")
     drop = (before - after) * 100
     raise AccuracyFloorError(
-        f"meeting {opts.target} ({res.target_ms:.1f} ms) at {pct} costs too much accuracy: {c.key} keeps mAP50-95 "
+        f"meeting {_target_txt(opts, res)} at {pct} costs too much accuracy: {c.key} keeps mAP50-95 "
         f"{after:.4f} after recovery (unpruned {before:.4f}: -{drop:.1f} points, floor {opts.max_map_drop * 100:g}); "
         f"{fastest_txt}. Nothing was packaged. To accept the loss: --max-map-drop {drop + 0.1:.1f}; to keep the "
         f"accuracy: a higher --target-ms, or recover on the deployment's own frames")
@@ -206,6 +206,10 @@ def _hand_over(work: WorkArea, pkg: Path, files: dict) -> None:
     for src, dst in dest.items():
         os.replace(src, dst)
     work.discard()
+
+
+def _target_txt(opts: BuildOptions, res: SearchResult) -> str:
+    return f"{opts.target} ({res.target_ms:.1f} ms)" if opts.target.relative else str(opts.target)
 
 
 def _ms(v: Optional[float]) -> str:

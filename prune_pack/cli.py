@@ -52,6 +52,7 @@ def _common(json_flag: bool = True, config: bool = True) -> argparse.ArgumentPar
     if config:
         p.add_argument("--config", metavar="FILE", help="configuration file (see config.example.yaml)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
+    p.add_argument("--verbose", action="store_true", help="show the libraries' own output (Ultralytics, ONNX export) on stderr")
     return p
 
 
@@ -215,7 +216,7 @@ def _print_result(result: dict, as_json: bool) -> None:
 
 @contextlib.contextmanager
 def _stdout_to_stderr() -> Iterator[None]:
-    """With --json, stdout carries the JSON object only: everything the libraries print on the way
+    """stdout carries the result only (with --json, one JSON object): everything the libraries print on the way
     (Ultralytics' exporter and trainer log to a handler bound to the original stdout, native code
     writes to fd 1) goes to stderr, at the file-descriptor level."""
     sys.stdout.flush()
@@ -246,7 +247,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
             cfg = load_config(getattr(args, "config", None))
         as_json = getattr(args, "json", False)
-        with _stdout_to_stderr() if as_json else contextlib.nullcontext():
+        host = HANDLERS[key][2]
+        if host and not getattr(args, "verbose", False):
+            # Ultralytics reads this when first imported (the handlers import it lazily, after this).
+            os.environ.setdefault("YOLO_VERBOSE", "False")
+        # stdout carries the result only: what the libraries print on the way goes to stderr.
+        with _stdout_to_stderr() if as_json or host else contextlib.nullcontext():
             result = _handler(key)(args, cfg)
         if result is not None:
             _print_result(result, getattr(args, "json", False))

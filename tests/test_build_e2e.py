@@ -99,49 +99,41 @@ def test_interrupted_build_resumes_and_meets_a_target_between_pruned_and_unprune
     onnx_p = export_onnx(pruned, tmp_path / "p.onnx", imgsz=IMGSZ)
     lu, lp = _p50_interleaved([onnx_u, onnx_p])
     assert lp < lu, f"pruning 60 % of the channels did not make it faster ({lp:.1f} vs {lu:.1f} ms)"
-    # Reachable below the 0.6 ratio that was measured, and far enough under the unpruned model that
-    # the build's own measurement of it does not pass by noise (then there is nothing to interrupt).
-    target = round(lp + 0.5 * (lu - lp), 2)
+    # A relative target halfway between the unpruned and the 60 %-pruned model: reachable below the
+    # 0.6 ratio, and never met by the unpruned model (it is a fraction of that model's own latency),
+    # so the build always reaches pruning, where it is interrupted, on a fast or a slow host alike.
+    frac = min(0.95, round((lp + 0.5 * (lu - lp)) / lu, 3))
 
     cfg = _config(tmp_path / "c.yaml")
     out = tmp_path / "out"
-    args = ["--model", str(pt), "--data", str(data), "--target-ms", str(target), "--percentile", "p50",
+    args = ["--model", str(pt), "--data", str(data), "--target-ms", f"{frac}x", "--percentile", "p50",
             "--imgsz", str(IMGSZ), "--epochs", "1", "--config", str(cfg), "--out", str(out), "--json"]
-    # 1) interrupt after the second device measurement (SIGINT, as Ctrl-C)
-    p = subprocess.Popen([sys.executable, "-m", "prune_pack.cli", "build", *args], stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True, env=_env(tmp_path))
-    lines: list[str] = []
-    measured: list[str] = []
-    deadline = time.monotonic() + 240
-    assert p.stderr is not None
-    for line in p.stderr:
-        lines.append(line)
-        if line.startswith("build: measured"):
-            measured.append(line.split()[2].rstrip(":"))
-            if len(measured) == 2:
-                p.send_signal(signal.SIGINT)
-                break
-        if time.monotonic() > deadline:
-            break
-    rest = p.communicate(timeout=120)[1]
-    tail = "".join(lines[-20:]) + rest
-    if len(measured) < 2:  # the whole build finished before a second measurement: nothing to resume
-        pytest.fail(f"the build measured fewer than two candidates:\n{tail[-3000:]}")
-    assert p.returncode == 130, tail[-3000:]
+    # 1) interrupted (SIGINT, as Ctrl-C) when the build starts pruning: the test hook names the phase,
+    # so the interruption does not depend on how fast this host is.
+    p = subprocess.run([sys.executable, "-m", "prune_pack.cli", "build", *args], capture_output=True, text=True,
+                       env=dict(_env(tmp_path), PRUNE_PACK_STOP_AT_PHASE="prune"), timeout=300)
+    lines = p.stderr.splitlines(keepends=True)
+    tail = p.stderr[-3000:]
+    if p.returncode == 5 and "too noisy" in p.stderr:
+        # The relative target is a fraction of the baseline: a machine whose repeated measurements
+        # of it disagree (other work on the cores) ends undecided, by design; nothing to resume then.
+        assert not out.exists() or not any(out.iterdir()), tail
+        pytest.skip("this machine was too busy to measure a steady baseline: " + tail.strip().splitlines()[-1][-300:])
+    assert p.returncode == 130, tail
     assert (out / ".work" / "state.json").is_file()
-    # What was saved before the interruption (a measurement cut off before its save is redone).
+    # What was saved before the interruption: the baseline, measured twice.
     saved = {k: len(v) for k, v in json.loads((out / ".work" / "state.json").read_text())["search"]["measurements"].items()}
-    assert saved, "no measurement was saved before the interruption"
+    assert saved and all(k.endswith("r0.000") for k in saved), saved
     assert not list(out.glob("*.ppk")) and not (out / "report.json").exists()  # nothing half-written
 
     # 2) resume: the measured candidates are reused, the build completes
     r = _cli(args + ["--resume"], tmp_path)
     new_measured = [ln.split()[2].rstrip(":") for ln in r.stderr.splitlines() if ln.startswith("build: measured")]
-    # Reused, not re-measured: across both runs no candidate is measured more than 1 + 1 repeat times
-    # (a candidate left undecided by the interruption may get its one repeat after the resume).
-    for k in set(saved) | set(new_measured):
-        assert saved.get(k, 0) + new_measured.count(k) <= 2, (k, saved, new_measured)
-    if r.returncode == 5 and ("measurements were noisy" in r.stderr or "edge of the noise" in r.stderr):
+    # Reused, not re-measured: the baseline is not measured again; no candidate more than 1 + 1 repeat times.
+    assert not set(saved) & set(new_measured), (saved, new_measured)
+    for k in set(new_measured):
+        assert new_measured.count(k) <= 2, (k, new_measured)
+    if r.returncode == 5 and ("too noisy" in r.stderr or "edge of the noise" in r.stderr or "budget" in r.stderr):
         # Lenient on a loaded machine: the noise ate the measurement budget. Then the refusal must be
         # clean (nothing half-written, no state left to resume from a decided failure).
         assert not out.exists() or not any(out.iterdir()), r.stderr[-2000:]
@@ -154,14 +146,15 @@ def test_interrupted_build_resumes_and_meets_a_target_between_pruned_and_unprune
         assert key in res
     # achieved_ms pools all verification samples; a pass decided by one measurement's interval may
     # leave that pooled point a little above the target, never far.
+    target = res["target_ms"]
     assert res["achieved_ms"] <= target * 1.05 and res["percentile"] == "p50"
     assert res["measurements"] <= 12
     report = json.loads((out / "report.json").read_text())
     counts = {c["key"]: len(c["measurements"]) for c in report["candidates"] if not c.get("same_as")}
     for k in saved:  # the measurements saved before the interruption are reused in the final report
         assert counts[k] == saved[k] + new_measured.count(k)
-    if res["ratio"] == 0:
-        assert report["baseline_ms"] <= target  # noise made the unpruned model pass: then no pruning is right
+    assert target == pytest.approx(frac * report["baseline_ms"], rel=1e-3) and res["target"] == f"{frac:g}x"
+    assert res["ratio"] > 0  # a relative target below 1 is never met by the unpruned model
     # no needless pruning: no measured candidate with less pruning also met the target
     passed = [c["ratio"] for c in report["candidates"] if c["decision"] == "pass"]
     assert min(passed) == report["chosen"]["ratio"] or report["verification"]["steps"] == 1
@@ -182,15 +175,22 @@ def test_interrupted_build_resumes_and_meets_a_target_between_pruned_and_unprune
 def test_target_already_met_still_exports_packages_and_reports(tiny, tmp_path):
     pt, data = tiny
     out = tmp_path / "out"
-    r = _cli(["--model", str(pt), "--data", str(data), "--target-ms", "100000", "--imgsz", str(IMGSZ),
-              "--config", str(_config(tmp_path / "c.yaml")), "--out", str(out), "--json"], tmp_path)
+    # The target comes from the config (build.target_ms), no --target-ms: the config is read (issue 14).
+    r = _cli(["--model", str(pt), "--data", str(data), "--imgsz", str(IMGSZ),
+              "--config", str(_config(tmp_path / "c.yaml", build={"target_ms": "100000"})), "--out", str(out)], tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
-    res = _last_json(r.stdout)
-    assert res["ratio"] == 0 and res["lever"] == "none" and res["verification_steps"] == 0
-    assert res["measurements"] == 2  # the unpruned model, then the shipped package
-    report = json.loads((out / "report.json").read_text())
+    # Without --json, stdout is the summary alone (the exporter's output goes to stderr, and only with --verbose)
+    assert r.stdout.startswith("p95 ") and "profile it: prune-pack profile" in r.stdout, r.stdout[-2000:]
+    assert "ONNX" not in r.stdout and "Ultralytics" not in r.stdout
+    res = json.loads((out / "report.json").read_text())
+    assert res["target_ms"] == 100000 and res["chosen"]["ratio"] == 0 and res["lever"] == "none"
+    assert res["verification"]["steps"] == 0
+    # the unpruned model twice (is the machine steady? three times when the two disagree), then the package
+    assert res["measurements"] in (3, 4)
+    report = res
     assert "finetune" not in report["phases_s"] and "prune" not in report["phases_s"]
     assert Path(res["package"]).is_file() and (out / "report.md").is_file()
+    assert "Device (the shipped package's verification): backend=ort, precision=fp32" in (out / "report.md").read_text()
     assert "build: pruning" not in r.stderr
 
 
@@ -311,7 +311,8 @@ def test_remote_device_profiles_candidates_over_mqtt(tiny, remote, broker, tmp_p
     assert r.returncode == 0, r.stderr[-3000:]
     res = _last_json(r.stdout)
     report = json.loads((out / "report.json").read_text())
-    assert report["device"] == dev and res["measurements"] == 2
+    # the unpruned model twice (three times when the two disagree), then the shipped package
+    assert report["device"] == dev and res["measurements"] in (3, 4)
     m = report["candidates"][0]["measurements"][0]
     assert m["runs"] == 60 and m["threads"] == 2  # the build's settings, measured by the agent
     # backend auto on a remote device: this host's OpenVINO says nothing about the device's

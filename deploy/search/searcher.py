@@ -27,7 +27,7 @@ from typing import Any, Callable, Hashable, Optional, Sequence, Union
 from prune_pack.deploy.search.judge import Candidate, Judge, Record, SearchState
 from prune_pack.deploy.search.latency import LatencyModel
 from prune_pack.deploy.search.stats import (
-    BUDGET, FAIL, NOISY, PASS, PERCENTILES, UNSURE, WIDE, Measurement, agree, decide,
+    BUDGET, FAIL, NOISY, PASS, PERCENTILES, UNSURE, WIDE, Measurement, agree, decide, point_estimate,
 )
 from prune_pack.deploy.settings import Target
 from prune_pack.errors import UserInputError
@@ -153,14 +153,23 @@ class _Searcher:
 
     def baseline(self, c: Candidate, relative: Optional[float]) -> Record:
         """Measure the unpruned baseline until two measurements agree (at most three), then resolve a
-        relative target from it and decide it. NOISY when it will not repeat."""
+        relative target from it and decide it. NOISY when it will not repeat -- unless the target is
+        absolute and every measurement is on the same side of it: then the noise changes nothing."""
         rec = self.records.setdefault(c.key, Record(c))
         pct = self.j.pct
-        while not (len(rec.measurements) >= 2 and agree(rec.measurements[-1], rec.measurements[-2], pct)
-                   and all(m.width(pct) <= WIDE for m in rec.measurements[-2:])):
+
+        def steady(ms: list[Measurement]) -> bool:
+            ref = self.j.target_ms or (relative or 1.0) * (point_estimate(ms, pct) or math.inf)
+            return agree(ms[-1], ms[-2], pct) and all(m.width(pct, ref) <= WIDE for m in ms)
+
+        while not (len(rec.measurements) >= 2 and steady(rec.measurements[-2:])):
             if len(rec.measurements) >= 3:
-                rec.decision = NOISY
-                return rec
+                sides = {decide([m], self.j.target_ms, pct, 0.0, 0) for m in rec.measurements} \
+                    if relative is None else set()
+                if len(sides) != 1 or sides & {UNSURE, NOISY}:
+                    rec.decision = NOISY
+                    return rec
+                break
             if self.j.measure(rec) is None:
                 rec.decision = BUDGET
                 return rec
