@@ -90,6 +90,7 @@ class StreamSection:
     retry_max_s: float = 30.0  # ... up to here
     policy: Literal["latest", "block"] = "latest"  # full queue: drop the oldest frame, or (files) make the reader wait
     max_age_ms: Optional[float] = None  # frames older than this when a worker takes them are dropped as stale
+    harvest: bool = False  # keep sample frames of this stream for recovery on the host (privacy: off by default)
 
 
 @dataclass
@@ -103,3 +104,21 @@ class AgentSection:
     max_payload_kb: float = 32768.0  # any larger command payload is refused
     allow_unsigned: bool = False  # development only: accept packages without a signature
     watchdog: bool = True  # send systemd WATCHDOG=1 from the working loop when NOTIFY_SOCKET is set
+
+
+@dataclass
+class HarvestSection:
+    """The on-device pool of harvested frames (agent.harvest); streams opt in with ``harvest: true``."""
+
+    dir: Optional[str] = None  # pool folder; None = {agent.state_dir}/harvest
+    interval_s: float = 5.0  # per stream: at most one candidate frame every this many seconds
+    max_frames: int = 2000  # pool quota (count); the least useful frame is evicted first
+    max_mb: float = 512.0  # pool quota (JPEG + sidecar bytes)
+    min_free_mb: float = 1024.0  # free-disk floor: below it harvesting pauses
+    dedup_fraction: float = 0.01  # near-duplicate: under this share of 32x32 thumbnail cells changed (measured: noise 0, a moved person >= 0.015)
+    uncertain_below: float = 0.5  # a detection under this confidence makes a frame's sidecar say why: "uncertain"
+    jpeg_quality: int = 90
+    queue: int = 4  # frames waiting for the writer thread; more are dropped (counted), inference never waits
+    retry_s: float = 30.0  # a paused pool (full/read-only disk) retries after this long
+    chunk_kb: int = 128  # frames-read answers carry at most this much of a file
+    pull_kbps: float = 1024.0  # frames-read answers at most this many KiB/s (telemetry and commands come first)

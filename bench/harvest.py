@@ -1,0 +1,274 @@
+"""Harvesting (agent.harvest): the measurements behind its thresholds, and what it costs a stream.
+
+``--measure``: (1) near-duplicate descriptor: the share of 32x32 thumbnail cells that changed,
+between frames of real encoded video (MPEG-4 written by OpenCV): a static scene with sensor noise
+(must read as duplicate), the same scene with a person-sized object moved (must not), a panning
+camera and different coco128 scenes; (2) uncertainty score: for YOLOv8n (ONNX, the agent's own
+Detector) on coco128, the Spearman correlation of candidate per-image scores with the per-image
+error (false + missed boxes at IoU 0.5 over max(1, labelled boxes)).
+
+Default: throughput of one stream (StreamManager, a 640x480 MPEG-4 file read as fast as the
+workers take it, ``policy: block`` so no frame is dropped) with harvesting off and on, interleaved
+in one run, each rep a fresh StreamManager; the ratio of processed frames per second is the cost.
+
+    PYTHONPATH=... python bench/harvest.py --measure
+    PYTHONPATH=... python bench/harvest.py --seconds 20 --reps 3 [--interval 1.0]
+
+Outputs: bench/out/harvest/*.json and a markdown table on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+OUT = REPO / "bench" / "out" / "harvest"
+SHARED = REPO.parent.parent / "shared" if (REPO.parent.parent / "shared").exists() else REPO.parent / "shared"
+
+
+def cpu_name() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+        f = {k.strip(): v.strip() for k, v in (ln.split(":", 1) for ln in out.splitlines() if ":" in ln)}
+        return f"{f.get('Model name')} family {f.get('CPU family')} model {f.get('Model')}, {f.get('CPU(s)')} CPUs"
+    except OSError:
+        return platform.processor()
+
+
+def bus() -> np.ndarray:
+    import ultralytics
+
+    img = cv2.imread(str(Path(ultralytics.__file__).parent / "assets" / "bus.jpg"))
+    return cv2.resize(img, (900, 1200))
+
+
+def write_video(path: Path, frames: list[np.ndarray], fps: float = 25.0) -> Path:
+    h, w = frames[0].shape[:2]
+    vw = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, (w, h))
+    for f in frames:
+        vw.write(f)
+    vw.release()
+    return path
+
+
+def read_video(path: Path) -> list[np.ndarray]:
+    cap = cv2.VideoCapture(str(path))
+    out = []
+    while True:
+        ok, img = cap.read()
+        if not ok:
+            return out
+        out.append(img)
+
+
+def scene_videos(tmp: Path, n: int = 50) -> dict[str, list[np.ndarray]]:
+    """Decoded frames of: a static camera with sensor noise, the same with a person-sized box
+    walking through, and a panning camera (bus.jpg), each 640x480 MPEG-4."""
+    rng = np.random.default_rng(0)
+    base = bus()[300:780, 130:770].copy()
+    static = [np.clip(base + rng.normal(0, 3, base.shape), 0, 255).astype(np.uint8) for _ in range(n)]
+    walker = []
+    for i in range(n):
+        f = np.clip(base + rng.normal(0, 3, base.shape), 0, 255).astype(np.uint8)
+        x = 40 + 11 * i  # a 40x90 px "person" crossing the frame
+        cv2.rectangle(f, (x, 300), (x + 40, 390), (60, 50, 40), -1)
+        walker.append(f)
+    big = bus()
+    pan = [big[300 + i % 200: 780 + i % 200, int(130 + 120 * np.sin(i / 20)): int(130 + 120 * np.sin(i / 20)) + 640].copy()
+           for i in range(n)]
+    return {k: read_video(write_video(tmp / f"{k}.mp4", v)) for k, v in
+            (("static", static), ("walker", walker), ("pan", pan))}
+
+
+def measure_dedup(tmp: Path) -> dict[str, Any]:
+    from prune_pack.agent.harvest import changed_fraction, descriptor
+
+    vids = scene_videos(tmp)
+    res: dict[str, Any] = {}
+    for name, frames in vids.items():
+        d = [descriptor(f) for f in frames]
+        fr = [float(changed_fraction(d[i], d[0][None])[0]) for i in range(1, len(d))]
+        res[name] = {"vs_first_min": round(min(fr), 4), "vs_first_median": round(statistics.median(fr), 4),
+                     "vs_first_max": round(max(fr), 4)}
+        if name == "walker":  # the box moved by >= its width (4 frames): what must count as new
+            moved = [float(changed_fraction(d[i], d[i - 4][None])[0]) for i in range(4, len(d))]
+            res[name]["moved_own_width_min"] = round(min(moved), 4)
+            res[name]["moved_own_width_median"] = round(statistics.median(moved), 4)
+    imgs = sorted((SHARED / "data" / "coco128" / "images").rglob("*.jpg"))[:64]
+    if imgs:
+        d = np.stack([descriptor(cv2.imread(str(p))) for p in imgs])
+        fr = [float(changed_fraction(d[i], np.delete(d, i, 0)).min()) for i in range(len(d))]
+        res["coco128_nearest_other"] = {"min": round(min(fr), 4), "median": round(statistics.median(fr), 4)}
+    return res
+
+
+def export_onnx(imgsz: int = 640) -> Path:
+    """yolov8n-coco.pt from ../shared exported once to bench/out/harvest/ (a copy: shared is read-only)."""
+    OUT.mkdir(parents=True, exist_ok=True)
+    onnx = OUT / "yolov8n-coco.onnx"
+    if onnx.exists():
+        return onnx
+    pt = OUT / "yolov8n-coco.pt"
+    shutil.copy(SHARED / "models" / "yolov8n-coco.pt", pt)
+    from ultralytics import YOLO
+
+    YOLO(str(pt)).export(format="onnx", imgsz=imgsz, simplify=False)
+    return onnx
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    x1 = np.maximum(a[:, None, 0], b[None, :, 0])
+    y1 = np.maximum(a[:, None, 1], b[None, :, 1])
+    x2 = np.minimum(a[:, None, 2], b[None, :, 2])
+    y2 = np.minimum(a[:, None, 3], b[None, :, 3])
+    inter = np.clip(x2 - x1, 0, None) * np.clip(y2 - y1, 0, None)
+    area = lambda r: (r[:, 2] - r[:, 0]) * (r[:, 3] - r[:, 1])  # noqa: E731
+    return inter / (area(a)[:, None] + area(b)[None, :] - inter + 1e-9)
+
+
+def _errors(det: np.ndarray, gt: np.ndarray) -> int:
+    """False + missed boxes at IoU 0.5, same class, greedy by confidence."""
+    if not len(det) or not len(gt):
+        return len(det) + len(gt)
+    iou = _iou(det[:, :4], gt[:, 1:5])
+    used, tp = set(), 0
+    for i in np.argsort(-det[:, 4]):
+        cand = [j for j in np.argsort(-iou[i]) if iou[i, j] >= 0.5 and j not in used and gt[j, 0] == det[i, 5]]
+        if cand:
+            used.add(cand[0])
+            tp += 1
+    return (len(det) - tp) + (len(gt) - tp)
+
+
+def _spearman(a: list[float], b: list[float]) -> float:
+    ra = np.argsort(np.argsort(a, kind="stable"), kind="stable").astype(float)
+    rb = np.argsort(np.argsort(b, kind="stable"), kind="stable").astype(float)
+    return round(float(np.corrcoef(ra, rb)[0, 1]), 3)
+
+
+def measure_uncertainty(conf: float = 0.25) -> dict[str, Any]:
+    from prune_pack.agent.backends import load_session
+    from prune_pack.agent.detect import Detector
+
+    det = Detector(load_session(export_onnx(), threads=2))
+    errs: list[float] = []
+    scores: dict[str, list[float]] = {"n_below_0.4": [], "n_below_0.5": [], "n_below_0.6": [], "1-mean_conf": [],
+                                      "1-min_conf": [], "n_detections": []}
+    for p in sorted((SHARED / "data" / "coco128" / "images").rglob("*.jpg")):
+        img = cv2.imread(str(p))
+        h, w = img.shape[:2]
+        lab = p.parent.parent.parent / "labels" / p.parent.name / (p.stem + ".txt")
+        rows = np.loadtxt(lab, ndmin=2) if lab.exists() and lab.stat().st_size else np.zeros((0, 5))
+        gt = np.zeros((len(rows), 5))
+        if len(rows):
+            gt[:, 0] = rows[:, 0]
+            gt[:, 1], gt[:, 3] = (rows[:, 1] - rows[:, 3] / 2) * w, (rows[:, 1] + rows[:, 3] / 2) * w
+            gt[:, 2], gt[:, 4] = (rows[:, 2] - rows[:, 4] / 2) * h, (rows[:, 2] + rows[:, 4] / 2) * h
+        d, _ = det.detect_array(img, conf)
+        errs.append(_errors(d, gt) / max(1, len(gt)))
+        c = d[:, 4] if len(d) else np.zeros(0)
+        for t in (0.4, 0.5, 0.6):
+            scores[f"n_below_{t}"].append(float((c < t).sum()))
+        scores["1-mean_conf"].append(float(1 - c.mean()) if len(c) else 0.0)
+        scores["1-min_conf"].append(float(1 - c.min()) if len(c) else 0.0)
+        scores["n_detections"].append(float(len(c)))
+    res: dict[str, Any] = {"images": len(errs), "conf": conf, "spearman_vs_error": {}}
+    for k, v in scores.items():
+        res["spearman_vs_error"][k] = _spearman(v, errs)
+    s = np.array(scores["n_below_0.5"])
+    e = np.array(errs)
+    res["mean_error_if_n_below_0.5>0"] = round(float(e[s > 0].mean()), 3) if (s > 0).any() else None
+    res["mean_error_if_n_below_0.5==0"] = round(float(e[s == 0].mean()), 3) if (s == 0).any() else None
+    return res
+
+
+def stream_video(path: Path, seconds: float = 8.0, fps: float = 25.0) -> Path:
+    """640x480 MPEG-4: bus.jpg panning behind a moving box (as bench/streams.py)."""
+    if path.exists():
+        return path
+    big = bus()
+    frames = []
+    for i in range(int(seconds * fps)):
+        x = int(130 + 120 * np.sin(i / 20))
+        img = big[300 + i % 200: 780 + i % 200, x: x + 640].copy()
+        cv2.rectangle(img, (20 + 3 * i % 500, 40), (120 + 3 * i % 500, 140), (30, 160, 240), -1)
+        frames.append(img)
+    return write_video(path, frames, fps)
+
+
+def run_stream(model: Path, video: Path, seconds: float, harvest: bool, interval: float, pool: Path) -> dict:
+    from prune_pack.agent.harvest import Harvester
+    from prune_pack.agent.settings import HarvestSection, InferenceSection, StreamSection
+    from prune_pack.agent.streams import StreamManager, session_factory_for
+
+    inf = InferenceSection()
+    s = StreamSection(name="cam", source=str(video), fps_limit=0, policy="block", queue=2, harvest=harvest)
+    hv = None
+    if harvest:
+        shutil.rmtree(pool, ignore_errors=True)
+        hv = Harvester(HarvestSection(interval_s=interval, min_free_mb=0), pool)
+        hv.start()
+    sm = StreamManager([s], inf, session_factory_for(inf, 1), model_path=model, harvester=hv)
+    sm.start()
+    time.sleep(2.0)  # warm-up: model load, first frames
+    m0 = sm.metrics()["streams"]["cam"]["frames_processed"]
+    t0 = time.monotonic()
+    time.sleep(seconds)
+    m1 = sm.metrics()["streams"]["cam"]["frames_processed"]
+    dt = time.monotonic() - t0
+    sm.stop()
+    out = {"harvest": harvest, "fps": round((m1 - m0) / dt, 2)}
+    if hv is not None:
+        hv.wait_idle()
+        hv.stop()
+        out["pool"] = hv.status()
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--measure", action="store_true", help="descriptor and uncertainty measurements")
+    ap.add_argument("--seconds", type=float, default=20.0)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--interval", type=float, default=1.0, help="harvest.interval_s for the 'on' runs")
+    args = ap.parse_args()
+    OUT.mkdir(parents=True, exist_ok=True)
+    if args.measure:
+        with tempfile.TemporaryDirectory() as tmp:
+            res = {"dedup": measure_dedup(Path(tmp)), "uncertainty": measure_uncertainty(), "cpu": cpu_name()}
+        (OUT / "measure.json").write_text(json.dumps(res, indent=1))
+        print(json.dumps(res, indent=1))
+        return
+    model = export_onnx()
+    video = stream_video(OUT / "stream.mp4")
+    runs = []
+    for r in range(args.reps):
+        for on in (False, True):
+            res = run_stream(model, video, args.seconds, on, args.interval, OUT / "pool")
+            print(json.dumps({"rep": r, **res}), file=sys.stderr)
+            runs.append(res)
+    off = [x["fps"] for x in runs if not x["harvest"]]
+    on = [x["fps"] for x in runs if x["harvest"]]
+    res = {"cpu": cpu_name(), "date": time.strftime("%Y-%m-%d"), "seconds": args.seconds, "reps": args.reps,
+           "interval_s": args.interval, "fps_off": off, "fps_on": on,
+           "ratio": round(statistics.median(on) / statistics.median(off), 4), "runs": runs}
+    (OUT / "throughput.json").write_text(json.dumps(res, indent=1))
+    print(f"| harvest | processed fps (median of {args.reps}) |\n|---|---|\n| off | {statistics.median(off):.2f} |\n"
+          f"| on (interval {args.interval:g} s) | {statistics.median(on):.2f} |\n\nratio on/off: {res['ratio']:.3f}")
+
+
+if __name__ == "__main__":
+    main()
