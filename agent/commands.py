@@ -39,7 +39,7 @@ FAST, SLOW = "fast", "slow"
 Lane = Literal["fast", "slow"]
 JsonType = Literal["string", "boolean", "integer", "number"]
 # Modules (besides agent/daemon.py) that declare commands; the daemon imports them at start.
-COMMAND_MODULES: tuple[str, ...] = ()
+COMMAND_MODULES: tuple[str, ...] = ("prune_pack.agent.frames",)
 # Fields every request may carry besides its arguments.
 COMMON_FIELDS = ("request_id",)
 

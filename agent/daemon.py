@@ -49,6 +49,7 @@ from prune_pack.agent.mqtt import SCHEMA_DETECTIONS, SCHEMA_RESULT, SCHEMA_TELEM
 from prune_pack.agent.settings import (
     AgentSection,
     DeviceSection,
+    HarvestSection,
     InferenceSection,
     MqttSection,
     ProfileSection,
@@ -135,7 +136,8 @@ def _temperature_c() -> Optional[float]:
 
 class Daemon:
     def __init__(self, device: DeviceSection, mqtt: MqttSection, agent: AgentSection, profile: ProfileSection,
-                 inference: InferenceSection, streams: Optional[list[StreamSection]] = None) -> None:
+                 inference: InferenceSection, streams: Optional[list[StreamSection]] = None,
+                 harvest: Optional[HarvestSection] = None) -> None:
         self.device, self.mqtt, self.agent = device, mqtt, agent
         self.profile_cfg, self.inference, self.stream_cfgs = profile, inference, list(streams or [])
         self.state_dir = Path(agent.state_dir)
@@ -154,10 +156,12 @@ class Daemon:
         self.ready = threading.Event()
         self.unanswered = 0  # commands dropped because the fast queue was full
         self._proc: Any = None
+        self.harvest_cfg = harvest or HarvestSection()
+        self.harvester: Any = None  # agent.harvest.Harvester, from start() (agent.frames.start_harvester)
 
     @classmethod
     def from_config(cls, cfg: Any) -> "Daemon":
-        return cls(cfg.device, cfg.mqtt, cfg.agent, cfg.profile, cfg.inference, cfg.streams)
+        return cls(cfg.device, cfg.mqtt, cfg.agent, cfg.profile, cfg.inference, cfg.streams, cfg.harvest)
 
     # ------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -174,6 +178,9 @@ class Daemon:
             t.start()
             self._workers.append(t)
         self.link.start()
+        from prune_pack.agent.frames import start_harvester
+
+        self.harvester = start_harvester(self)
         if self.stream_cfgs and self.session is not None:
             self._start_streams()
         self.ready.set()
@@ -238,6 +245,8 @@ class Daemon:
                 self.streams.stop()
             except Exception as e:  # noqa: BLE001
                 log.warning("stopping streams: %s", e)
+        if self.harvester is not None:
+            self.harvester.stop()
         for t in self._workers:
             t.join(2)
         if self.link is not None:
@@ -263,7 +272,7 @@ class Daemon:
         factory = session_factory_for(self.inference, len(self.stream_cfgs), self.cache_dir)
         self.streams = StreamManager(streams=self.stream_cfgs, inference=self.inference, session_factory=factory,
                                      names=_names(m.manifest), on_detections=self._on_detections,
-                                     model_path=m.model_path)
+                                     model_path=m.model_path, harvester=self.harvester)
         self.streams.start()  # loads the model before the first frame is read
 
     def _on_detections(self, stream: str, body: dict) -> None:
@@ -323,6 +332,7 @@ class Daemon:
             "detections_dropped": self.link.detections_dropped if self.link else 0,
         }
         body["inference"] = None
+        body["harvest"] = self.harvester.status() if self.harvester is not None else None
         if self.streams is not None:
             try:
                 m = self.streams.metrics()
