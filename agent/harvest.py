@@ -296,11 +296,7 @@ class _Item:
     stream: str
     img: np.ndarray
     ts_ms: int
-    score: float
-    unsure: int
-    detections: int
-    novelty: float
-    desc: np.ndarray
+    det: np.ndarray
     model: Optional[dict]
 
 
@@ -318,7 +314,6 @@ class Harvester:
         self._q: queue.Queue = queue.Queue(maxsize=max(1, cfg.queue))
         self._lock = threading.Lock()
         self._next: dict[str, float] = {}
-        self._pending: dict[str, list[np.ndarray]] = {}  # queued, not yet written: dedup sees them too
         self.counts: Counter[str] = Counter()
         self.state, self.reason = "starting", None
         self._retry_at = 0.0
@@ -364,7 +359,11 @@ class Harvester:
 
     # ------------------------------------------------------------ the inference side
     def offer(self, stream: str, img: np.ndarray, wall: float, det: np.ndarray, model: Optional[dict] = None) -> str:
-        """Consider one inferred frame; returns what happened (for tests and counters). Never blocks."""
+        """Consider one inferred frame: "interval" (not due), "paused", "queued" or "queue_full".
+
+        Costs a dict lookup and a ``put_nowait``: thumbnails, dedup, scoring, JPEG and disk all
+        happen on the writer thread, so inference never waits for harvesting.
+        """
         now = time.monotonic()
         with self._lock:
             if now < self._next.get(stream, 0.0):
@@ -374,28 +373,18 @@ class Harvester:
                 self.counts["skipped_paused"] += 1
                 return "paused"
             self.counts["sampled"] += 1
-        desc = descriptor(img)
-        with self.pool.lock:
-            kept = self.pool.descriptors(stream)
-        with self._lock:
-            pending = self._pending.get(stream, [])
-            near = changed_fraction(desc, np.concatenate([kept, np.stack(pending)]) if pending else kept)
-            novelty = float(near.min()) if near.size else 1.0
-            if novelty < self.cfg.dedup_fraction:
-                self.counts["skipped_duplicate"] += 1
-                return "duplicate"
-            score, unsure = uncertainty(det, self.cfg.uncertain_below)
-            item = _Item(stream, img, int(wall * 1000), score, unsure, len(det) if det is not None else 0,
-                         round(novelty, 4), desc, model)
             try:
-                self._q.put_nowait(item)
+                self._q.put_nowait(_Item(stream, img, int(wall * 1000), det, model))
             except queue.Full:
                 self.counts["dropped_queue_full"] += 1
                 return "queue_full"
-            self._pending.setdefault(stream, []).append(desc)
         return "queued"
 
     # ------------------------------------------------------------ the writer thread
+    def _count(self, key: str, n: int = 1) -> None:
+        with self._lock:
+            self.counts[key] += n
+
     def _writer(self) -> None:
         while not self._stop.is_set():
             item = self._q.get()
@@ -404,21 +393,24 @@ class Harvester:
             try:
                 self._store(item)
             except Exception as e:  # noqa: BLE001 - the writer must survive anything; counted and paused
-                self.counts["errors"] += 1
+                self._count("errors")
                 self._pause(f"{type(e).__name__}: {str(e)[:200]}", e)
             finally:
-                with self._lock:
-                    lst = self._pending.get(item.stream, [])
-                    for i, d in enumerate(lst):
-                        if d is item.desc:
-                            del lst[i]
-                            break
+                self._q.task_done()
 
     def _store(self, it: _Item) -> None:
         with self._lock:
             if self.state == "paused" and time.monotonic() < self._retry_at:
                 self.counts["skipped_paused"] += 1
                 return
+        desc = descriptor(it.img)
+        with self.pool.lock:
+            near = changed_fraction(desc, self.pool.descriptors(it.stream))
+        novelty = float(near.min()) if near.size else 1.0
+        if novelty < self.cfg.dedup_fraction:
+            self._count("skipped_duplicate")
+            return
+        score, unsure = uncertainty(it.det, self.cfg.uncertain_below)
         ok, buf = cv2.imencode(".jpg", it.img, [cv2.IMWRITE_JPEG_QUALITY, int(self.cfg.jpeg_quality)])
         if not ok:
             raise RuntimeError("JPEG encoding failed")
@@ -430,33 +422,33 @@ class Harvester:
             self._pause(_pause_reason(e), e)
             return
         if self.cfg.min_free_mb > 0 and free_mb - len(jpeg) / MiB < self.cfg.min_free_mb:
-            self.counts["skipped_floor"] += 1
+            self._count("skipped_floor")
             self._pause(f"free disk {free_mb:.0f} MB is under the floor harvest.min_free_mb={self.cfg.min_free_mb:g}")
             return
         h, w = it.img.shape[:2]
-        why = "uncertain" if it.unsure else "novel"
+        why = "uncertain" if unsure else "novel"
         meta = {"schema": SCHEMA, "stream": it.stream, "ts_ms": it.ts_ms,
                 "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(it.ts_ms / 1000)) + f".{it.ts_ms % 1000:03d}Z",
                 "model": it.model if it.model is not None else (self.model_info() if self.model_info else None),
-                "why": why, "score": it.score, "unsure_detections": it.unsure, "detections": it.detections,
-                "novelty": it.novelty, "width": w, "height": h}
-        meta, side = self.pool.sidecar(meta, jpeg, it.desc)
+                "why": why, "score": score, "unsure_detections": unsure, "detections": 0 if it.det is None else len(it.det),
+                "novelty": round(novelty, 4), "width": w, "height": h}
+        meta, side = self.pool.sidecar(meta, jpeg, desc)
         with self.pool.lock:
-            victims = self.pool.make_room(len(jpeg) + len(side), (it.score, it.ts_ms))
+            victims = self.pool.make_room(len(jpeg) + len(side), (score, it.ts_ms))
             name = self.pool.unique_name(it.stream, it.ts_ms) if victims is not None else ""
         if victims is None:
-            self.counts["rejected_low_score"] += 1
+            self._count("rejected_low_score")
             return
         try:
             for v in victims:
                 self.pool.remove(v)
-                self.counts["evicted"] += 1
-            self.pool.write(name, jpeg, meta, side, it.desc)
+                self._count("evicted")
+            self.pool.write(name, jpeg, meta, side, desc)
         except OSError as e:
             self._pause(_pause_reason(e), e)
             return
-        self.counts["kept"] += 1
-        self.counts[f"kept_{why}"] += 1
+        self._count("kept")
+        self._count(f"kept_{why}")
         self._resume()
 
     # ------------------------------------------------------------ reading, pacing, status
@@ -489,9 +481,8 @@ class Harvester:
         """Until the writer queue is empty (tests and benchmarks)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            with self._lock:
-                if self._q.empty() and not any(self._pending.values()):
-                    return True
+            if self._q.unfinished_tasks == 0:  # taken and finished (task_done after each item)
+                return True
             time.sleep(0.01)
         return False
 

@@ -62,7 +62,8 @@ def test_count_quota_evicts_least_useful_and_restart_keeps_pool(tmp_path):
     h2.start()
     assert h2.status()["frames"] == 4
     assert sorted(p.name for p in (tmp_path / "pool").iterdir() if p.suffix == ".jpg") == names
-    assert feed(h2, [noise(1)]) == ["duplicate"]  # dedup against the rebuilt pool
+    feed(h2, [noise(1)])  # dedup against the rebuilt pool
+    assert h2.status()["skipped_duplicate"] == 1 and h2.status()["frames"] == 4
     h2.stop()
     assert [p.name for p in list_frames(tmp_path / "pool")] == names
 
