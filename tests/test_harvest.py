@@ -210,3 +210,13 @@ def test_list_frames_accepts_a_folder_copied_by_hand(tmp_path):
 
     with pytest.raises(UserInputError, match="not found"):
         list_frames(tmp_path / "nope")
+
+
+def test_pull_pacing_bounds_the_rate(tmp_path):
+    """frames-read answers are paced: N chunks never go out faster than pull_kbps allows (a lower
+    bound that holds on any machine: sleeping never ends early)."""
+    h = Harvester(cfg(pull_kbps=200), tmp_path / "pool")
+    t0 = time.monotonic()
+    for _ in range(4):
+        h.pace(20 * 1024)  # 0.1 s of budget each
+    assert time.monotonic() - t0 >= 0.3
