@@ -300,16 +300,18 @@ def main() -> None:
     share = statistics.median(x["harvest_cpu_share"] for x in runs if x["harvest"])
     pairs = [(runs[2 * r], runs[2 * r + 1]) for r in range(args.reps)]
     pair_ratio = statistics.median((a if a["harvest"] else b)["fps"] / (b if a["harvest"] else a)["fps"] for a, b in pairs)
+    pair_cpu = statistics.median((a if a["harvest"] else b)["frames_per_cpu_s"] / (b if a["harvest"] else a)["frames_per_cpu_s"]
+                                 for a, b in pairs)
     res = {"cpu": cpu_name(), "date": time.strftime("%Y-%m-%d"), "seconds": args.seconds, "reps": args.reps,
            "interval_s": args.interval, "fps_ratio": round(med("fps", True) / med("fps", False), 4),
            "frames_per_cpu_s_ratio": round(med("frames_per_cpu_s", True) / med("frames_per_cpu_s", False), 4),
-           "fps_ratio_paired": round(pair_ratio, 4), "harvest_cpu_share": share, "runs": runs}
+           "fps_ratio_paired": round(pair_ratio, 4), "frames_per_cpu_s_ratio_paired": round(pair_cpu, 4), "harvest_cpu_share": share, "runs": runs}
     (OUT / "throughput.json").write_text(json.dumps(res, indent=1))
     print(f"| harvest | processed fps | frames per CPU-second |\n|---|---|---|\n"
           f"| off | {med('fps', False):.2f} | {med('frames_per_cpu_s', False):.3f} |\n"
           f"| on (interval {args.interval:g} s) | {med('fps', True):.2f} | {med('frames_per_cpu_s', True):.3f} |\n"
           f"| on/off | {res['fps_ratio']:.3f} | {res['frames_per_cpu_s_ratio']:.3f} |\n\n"
-          f"median of the {args.reps} paired on/off fps ratios: {pair_ratio:.3f}; "
+          f"median of the {args.reps} paired on/off ratios: fps {pair_ratio:.3f}, frames per CPU-second {pair_cpu:.3f}; "
           f"harvest's own CPU (offer + writer) / process CPU: {100 * share:.2f} % (median of {args.reps})")
 
 
