@@ -13,22 +13,17 @@ failure at any step answers with a reason and leaves the active model running.
 
 from __future__ import annotations
 
-import base64
 import dataclasses
-import binascii
 import json
 import logging
 import os
 import queue
-import shutil
 import signal
 import socket
 import threading
 import time
-import urllib.parse
-import urllib.request
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 from prune_pack import __version__
 from prune_pack.agent.commands import (
@@ -45,6 +40,7 @@ from prune_pack.agent.commands import (
     load_all,
     lookup,
 )
+from prune_pack.agent.fetch import Fetched
 from prune_pack.agent.mqtt import SCHEMA_DETECTIONS, SCHEMA_RESULT, SCHEMA_TELEMETRY, MqttLink
 from prune_pack.agent.settings import (
     AgentSection,
@@ -433,7 +429,7 @@ class Daemon:
     @command("activate", SLOW, signed=True,
              args={"model": Arg("string", required=True, min_length=8, max_length=128), "force": Arg("boolean")})
     def cmd_activate(self, args: dict) -> dict:
-        from prune_pack.agent.package import check_validated
+        from prune_pack.agent.manifest import check_validated
 
         with self._model_lock:
             m = self.store.find(args["model"])
@@ -446,7 +442,7 @@ class Daemon:
     @command("deploy", SLOW, signed=True, args={**SOURCE_ARGS, "force": Arg("boolean")}, one_of=SOURCES,
              one_required=True)
     def cmd_deploy(self, args: dict) -> dict:
-        from prune_pack.agent.package import check_newer, check_validated
+        from prune_pack.agent.manifest import check_newer, check_validated
 
         force = args.get("force", False)
         with self._model_lock, self._fetched(args) as pkg:
@@ -516,68 +512,20 @@ class Daemon:
                       allow_unsigned=self.agent.allow_unsigned, max_bytes=int(self.agent.max_package_mb * MiB))
         try:
             return profile_model(model, **kw)
-        except PackageRejected:
+        except ReasonedError:  # PackageRejected keeps its reason
             raise
         except PrunePackError as e:
             raise CommandError("profile_failed", str(e)) from None
 
     def _verify(self, pkg: Path, staging: Optional[Path] = None) -> Any:
-        from prune_pack.agent.package import verify_package
+        from prune_pack.agent.verifier import verify_package
 
         return verify_package(pkg, trusted_keys=self.agent.trusted_keys, revoked_keys=self.agent.revoked_keys,
                               max_bytes=int(self.agent.max_package_mb * MiB), allow_unsigned=self.agent.allow_unsigned,
                               staging_root=staging or self.store.staging_dir)
 
-    def _fetched(self, args: dict) -> "_Fetched":
-        return _Fetched(self, args)
-
-
-class _Fetched:
-    """Context manager: the package of a command as a local file (temp files removed after)."""
-
-    def __init__(self, daemon: Daemon, args: dict) -> None:
-        self.d, self.args, self.tmp = daemon, args, None
-
-    def __enter__(self) -> Path:
-        a, agent = self.args, self.d.agent
-        if "package_b64" in a:
-            limit = int(agent.max_inline_mb * MiB)
-            if len(a["package_b64"]) > limit * 4 // 3 + 4:
-                raise CommandError("too_large", f"inline package over max_inline_mb={agent.max_inline_mb}; send a path or URL")
-            try:
-                data = base64.b64decode(a["package_b64"], validate=True)
-            except (binascii.Error, ValueError):
-                raise CommandError("bad_request", "package_b64 is not valid base64") from None
-            self.tmp = self.d.store.new_staging("incoming")
-            p = self.tmp / "package.ppk"
-            p.write_bytes(data)
-            return p
-        if "path" in a:
-            return Path(a["path"])
-        url = a["url"]
-        u = urllib.parse.urlparse(url)
-        if u.scheme == "file":
-            return Path(urllib.parse.unquote(u.path))
-        if u.scheme not in ("http", "https"):
-            raise CommandError("bad_request", f"url scheme must be file, http or https, got {u.scheme!r}")
-        limit = int(agent.max_package_mb * MiB)
-        self.tmp = self.d.store.new_staging("incoming")
-        p = self.tmp / "package.ppk"
-        try:
-            with urllib.request.urlopen(url, timeout=60) as r, open(p, "wb") as f:  # noqa: S310 - scheme checked
-                n = 0
-                for chunk in iter(lambda: r.read(1 << 20), b""):
-                    n += len(chunk)
-                    if n > limit:
-                        raise CommandError("too_large", f"download over max_package_mb={agent.max_package_mb}")
-                    f.write(chunk)
-        except OSError as e:
-            raise CommandError("fetch_failed", f"{url}: {e}") from None
-        return p
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.tmp is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
+    def _fetched(self, args: dict) -> Fetched:
+        return Fetched(self.agent, self.store.new_staging, args)
 
 
 def _parse(payload: bytes) -> dict:
