@@ -158,6 +158,8 @@ class Daemon:
     # ------------------------------------------------------------ lifecycle
     def start(self) -> None:
         load_all()
+        if self.agent.allow_unsigned:
+            log.warning("agent.allow_unsigned is a host setting (prune-pack profile/verify); the daemon refuses unsigned packages")
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.store.open()
         for note in self.store.recovered:
@@ -508,8 +510,9 @@ class Daemon:
         kw: dict[str, Any] = dict(threads=opts.threads, warmup=opts.warmup, runs=opts.runs, seconds=opts.seconds,
                                   backend=opts.backend, precision=opts.precision, cache_dir=self.cache_dir)
         if package:
+            # The daemon never runs an unsigned package, whatever agent.allow_unsigned says (a host setting).
             kw.update(trusted_keys=self.agent.trusted_keys, revoked_keys=self.agent.revoked_keys,
-                      allow_unsigned=self.agent.allow_unsigned, max_bytes=int(self.agent.max_package_mb * MiB))
+                      allow_unsigned=False, max_bytes=int(self.agent.max_package_mb * MiB))
         try:
             return profile_model(model, **kw)
         except ReasonedError:  # PackageRejected keeps its reason
@@ -521,7 +524,7 @@ class Daemon:
         from prune_pack.agent.verifier import verify_package
 
         return verify_package(pkg, trusted_keys=self.agent.trusted_keys, revoked_keys=self.agent.revoked_keys,
-                              max_bytes=int(self.agent.max_package_mb * MiB), allow_unsigned=self.agent.allow_unsigned,
+                              max_bytes=int(self.agent.max_package_mb * MiB), allow_unsigned=False,
                               staging_root=staging or self.store.staging_dir)
 
     def _fetched(self, args: dict) -> Fetched:
