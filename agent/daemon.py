@@ -544,7 +544,7 @@ class Daemon:
         if package:
             # The daemon never runs an unsigned package, whatever agent.allow_unsigned says (a host setting).
             kw.update(trusted_keys=self.agent.trusted_keys, revoked_keys=self.agent.revoked_keys,
-                      allow_unsigned=False, max_bytes=int(self.agent.max_package_mb * MiB))
+                      allow_unsigned=False, max_bytes=int(self.agent.max_package_mb * MiB), require_package=True)
         try:
             return profile_model(model, **kw)
         except ReasonedError:  # PackageRejected keeps its reason

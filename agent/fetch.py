@@ -89,7 +89,10 @@ def download(url: str, dest: Path, limit: int, deadline_s: float) -> int:
                 raise CommandError("fetch_timeout", f"download not complete within {deadline_s:g} s")
             if sock is not None:
                 sock.settimeout(max(0.05, min(30.0, left)))
-            chunk = r.read1(_CHUNK)  # one receive at a time, so a trickling server meets the deadline
+            try:
+                chunk = r.read1(_CHUNK)  # one receive at a time, so a trickling server meets the deadline
+            except (socket.timeout, TimeoutError):
+                raise CommandError("fetch_timeout", f"download not complete within {deadline_s:g} s") from None
             if not chunk:
                 return n
             n += len(chunk)
