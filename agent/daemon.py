@@ -43,7 +43,7 @@ from prune_pack.agent.commands import (
     lookup,
 )
 from prune_pack.agent.fetch import Fetched
-from prune_pack.agent.fsutil import disk_full
+from prune_pack.agent.fsutil import disk_full, free_bytes
 from prune_pack.agent.mqtt import SCHEMA_DETECTIONS, SCHEMA_RESULT, SCHEMA_TELEMETRY, MqttLink
 from prune_pack.agent.settings import (
     AgentSection,
@@ -160,6 +160,7 @@ class Daemon:
         self.started = time.time()
         self.ready = threading.Event()
         self.unanswered = 0  # commands dropped because the fast queue was full
+        self.busy = 0  # commands answered "busy" because the slow queue was full
         self._proc: Any = None
         self.auth: Optional[CommandAuth] = None
 
@@ -173,7 +174,7 @@ class Daemon:
         if self.agent.allow_unsigned:
             log.warning("agent.allow_unsigned is a host setting (prune-pack profile/verify); the daemon refuses unsigned packages")
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        self.store.open()
+        self.store.open(trust=self._signed_by_trusted_key)
         for note in self.store.recovered:
             log.warning("store recovery: %s", note)
         # Credentials and broker URL are checked before the (possibly slow) model load.
@@ -210,6 +211,14 @@ class Daemon:
                 except StoreError:
                     return
 
+    def _signed_by_trusted_key(self, model_dir: Path) -> bool:
+        from prune_pack.agent.verifier import signature_verifies
+
+        ok = signature_verifies(model_dir, self.agent.trusted_keys, self.agent.revoked_keys)
+        if not ok:
+            log.error("stored model %s: its signature does not verify against agent.trusted_keys", model_dir.name)
+        return ok
+
     def request_stop(self) -> None:
         self._stop.set()
 
@@ -234,10 +243,28 @@ class Daemon:
             self.shutdown()
 
     def healthy(self) -> bool:
-        ok = all(t.is_alive() for t in self._workers) and (self.link is None or self.link.alive())
-        if not ok:
-            log.error("a worker thread died; withholding WATCHDOG=1 so systemd restarts the agent")
-        return ok
+        """For WATCHDOG=1 (sent by the working loop, so a hung loop is caught too): the command
+        workers, the outbox sender and paho's network thread are alive."""
+        dead = [t.name for t in self._workers if not t.is_alive()]
+        if self.link is not None and not self.link.alive():
+            dead.append("mqtt")
+        if dead:
+            log.error("thread(s) %s died; withholding WATCHDOG=1 so systemd restarts the agent", ", ".join(dead))
+        return not dead
+
+    def health(self) -> dict:
+        """Telemetry's ``health``: free space of state_dir, and why the agent is degraded (if it is)."""
+        free = free_bytes(self.state_dir)
+        reasons = []
+        if free is not None and free < self.agent.min_free_mb * MiB:
+            reasons.append(f"state_dir has {free / MiB:.1f} MiB free (< agent.min_free_mb)")
+        link = self.link
+        if link is not None and link.outbox.degraded:
+            reasons.append(link.outbox.degraded[:200])
+        return {"state_free_mb": round(free / MiB, 1) if free is not None else None, "degraded": bool(reasons),
+                "reasons": reasons, "outbox_recreated": link.outbox.recreated if link else 0,
+                "messages_lost": link.send_failed if link else 0, "commands_busy": self.busy,
+                "commands_unanswered": self.unanswered}
 
     def shutdown(self) -> None:
         sd_notify("STOPPING=1")
@@ -337,6 +364,7 @@ class Daemon:
             "detections_dropped": self.link.detections_dropped if self.link else 0,
         }
         body["inference"] = None
+        body["health"] = self.health()
         if self.streams is not None:
             try:
                 m = self.streams.metrics()
@@ -371,6 +399,7 @@ class Daemon:
         try:
             target.put_nowait(item)
         except queue.Full:
+            self.busy += 1
             try:
                 self._fast.put_nowait((name, payload if len(payload) <= max_bytes else None,
                                        CommandError("busy", f"{self._slow.maxsize} commands are waiting; retry later")))

@@ -106,5 +106,6 @@ class AgentSection:
     fetch_timeout_s: float = 300.0  # one deadline for a whole download
     command_keys: list[str] = field(default_factory=list)  # Ed25519 public keys (PEM) allowed to sign commands
     allow_unsigned_commands: bool = False  # test benches only: accept deploy/activate/rollback/profile-of-a-file unsigned
+    min_free_mb: float = 64.0  # less free space in state_dir marks the agent degraded in telemetry
     max_version_jump: int = 1000  # a package more versions than this above the highest installed is refused
     watchdog: bool = True  # send systemd WATCHDOG=1 from the working loop when NOTIFY_SOCKET is set
