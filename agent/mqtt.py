@@ -290,6 +290,7 @@ class MqttLink:
         self._wake = threading.Condition()
         self._stop = threading.Event()
         self._sender: Optional[threading.Thread] = None
+        self._paho_thread: Optional[threading.Thread] = None
         self.client: Any = None
         self.connects = 0
         self._confirm_s = 1.5 * mqtt.keepalive_s + 1.0
@@ -399,6 +400,7 @@ class MqttLink:
         host, port = self.client._prune_pack_target  # noqa: SLF001
         self.client.connect_async(host, port, keepalive=self.mqtt.keepalive_s)
         self.client.loop_start()
+        self._paho_thread = getattr(self.client, "_thread", None)  # paho 2.x's loop thread (private; None if renamed)
         self._sender = threading.Thread(target=self._send_loop, name="mqtt-outbox", daemon=True)
         self._sender.start()
 
@@ -433,8 +435,7 @@ class MqttLink:
         raised kills paho's thread, and nothing would reconnect)."""
         if not self.enabled or self._stop.is_set():
             return True
-        paho_thread = getattr(self.client, "_thread", None)  # paho 2.x keeps its loop thread here
-        paho_ok = paho_thread is None or paho_thread.is_alive()
+        paho_ok = self._paho_thread is None or self._paho_thread.is_alive()
         return paho_ok and self._sender is not None and self._sender.is_alive()
 
     # ---- publishing
