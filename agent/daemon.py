@@ -19,7 +19,6 @@ import logging
 import os
 import queue
 import signal
-import socket
 import threading
 import time
 from pathlib import Path
@@ -55,66 +54,12 @@ from prune_pack.agent.settings import (
     merged,
 )
 from prune_pack.agent.store import ModelStore, StoredModel, StoreError
+from prune_pack.agent.system import crash_point, machine_id, sd_notify, temperature_c, watchdog_interval_s
 from prune_pack.errors import PrunePackError, ReasonedError
 
 log = logging.getLogger("prune_pack.agent.daemon")
 
 MiB = 1024 * 1024
-# Fault injection for the crash tests: SIGKILL ourselves at a named point of a deploy.
-CRASH_ENV = "PRUNE_PACK_CRASH_AT"
-CRASH_POINTS = ("verified", "stage_files", "staged", "before_switch", "after_switch")
-
-
-# ---------------------------------------------------------------------- sd_notify
-
-
-def sd_notify(message: str) -> bool:
-    """systemd's notify protocol without libsystemd: one datagram to $NOTIFY_SOCKET
-    (a path, or '@name' in the abstract namespace). False when not under systemd."""
-    addr = os.environ.get("NOTIFY_SOCKET")
-    if not addr:
-        return False
-    if addr.startswith("@"):
-        addr = "\0" + addr[1:]
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
-            s.connect(addr)
-            s.sendall(message.encode())
-        return True
-    except OSError as e:
-        log.warning("sd_notify(%s) failed: %s", message.split("\n")[0], e)
-        return False
-
-
-def watchdog_interval_s() -> Optional[float]:
-    """Half of systemd's watchdog timeout, if one is set for this process."""
-    usec = os.environ.get("WATCHDOG_USEC")
-    pid = os.environ.get("WATCHDOG_PID")
-    if not usec or (pid and pid != str(os.getpid())):
-        return None
-    try:
-        return max(0.05, int(usec) / 2e6)
-    except ValueError:
-        return None
-
-
-# ---------------------------------------------------------------------- helpers
-
-
-def _crash_point(name: str) -> None:
-    if os.environ.get(CRASH_ENV) == name:
-        log.error("fault injection: SIGKILL at %s", name)
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-def machine_id() -> Optional[str]:
-    """systemd's /etc/machine-id (what a manifest's ``machine_ids`` binds to), if readable."""
-    try:
-        return Path("/etc/machine-id").read_text().strip()[:32] or None
-    except OSError:
-        return None
-
-
 def _names(manifest: dict) -> dict[int, str]:
     raw = manifest.get("names", manifest.get("classes"))
     if isinstance(raw, list):
@@ -122,19 +67,6 @@ def _names(manifest: dict) -> dict[int, str]:
     if isinstance(raw, dict):
         return {int(k): str(v) for k, v in raw.items() if str(k).isdigit()}
     return {}
-
-
-def _temperature_c() -> Optional[float]:
-    try:
-        import psutil
-
-        temps = psutil.sensors_temperatures() if hasattr(psutil, "sensors_temperatures") else {}
-        vals = [t.current for entries in temps.values() for t in entries if t.current is not None]
-        if vals:
-            return round(max(vals), 1)
-    except Exception:  # noqa: BLE001 - sensors are optional and vary wildly
-        pass
-    return None
 
 
 # ---------------------------------------------------------------------- daemon
@@ -358,7 +290,7 @@ class Daemon:
         body: dict[str, Any] = {
             "cpu_percent": round(cpu, 1), "system_cpu_percent": round(psutil.cpu_percent(None), 1),
             "rss_mb": round(rss / MiB, 1), "load": [round(x, 2) for x in os.getloadavg()],
-            "temperature_c": _temperature_c(), "uptime_s": round(time.time() - self.started, 1),
+            "temperature_c": temperature_c(), "uptime_s": round(time.time() - self.started, 1),
             "model": self._model_info(self.store.active), "streams": {},
             "queue": self.link.queue_info() if self.link else {"pending": 0, "dropped": 0},
             "detections_dropped": self.link.detections_dropped if self.link else 0,
@@ -512,14 +444,14 @@ class Daemon:
         with self._model_lock, self._fetched(args) as pkg:
             vp = self._verify(pkg)
             try:
-                _crash_point("verified")
+                crash_point("verified")
                 precision = check_validated(vp.manifest, self.inference.backend, self.inference.precision, force)
                 self._check_policy(vp.manifest, force)
-                m = self.store.stage(vp.dir, crash_hook=_crash_point)
+                m = self.store.stage(vp.dir, crash_hook=crash_point)
             except BaseException:
                 vp.discard()
                 raise
-            _crash_point("staged")
+            crash_point("staged")
             was_kept = m.id in (self.store._active, self.store._previous)  # noqa: SLF001
             try:
                 session, precision = self._load(m, precision)
@@ -533,7 +465,7 @@ class Daemon:
                 raise
             if m.id == self.store._active:  # noqa: SLF001
                 return {"active": self._model_info(m), "changed": False, "profile": prof}
-            self.store.activate(m.id, crash_hook=_crash_point)
+            self.store.activate(m.id, crash_hook=crash_point)
             self._switch(m, session, precision)
             prev = self.store.previous
             return {"active": self._model_info(m), "changed": True, "previous": prev.summary() if prev else None,
