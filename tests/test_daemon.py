@@ -33,7 +33,8 @@ from prune_pack.agent.commands import REGISTRY
 @pytest.fixture
 def running(broker, tmp_path):
     w = Watcher(broker)
-    d = InProcessDaemon(agent_config(tmp_path, broker, max_payload_kb=64.0, max_inline_mb=0.04))
+    d = InProcessDaemon(agent_config(tmp_path, broker, max_payload_kb=64.0, max_inline_mb=0.04,
+                                     fetch_allowed_hosts=["127.0.0.1"]))
     w.status("online")
     yield d, w
     d.stop()
