@@ -192,3 +192,36 @@ def test_parse_since():
 
     with pytest.raises(UserInputError):
         parse_since("yesterday")
+
+
+def test_read_only_pool_shows_paused_in_telemetry_and_streams_go_on(broker, tmp_path, monkeypatch):
+    import os
+    import subprocess
+
+    pool = tmp_path / "ro-pool"
+    pool.mkdir()
+    if os.geteuid() != 0:
+        pool.chmod(0o555)
+    elif subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(pool)], capture_output=True).returncode:
+        pytest.skip("running as root without permission to mount a read-only tmpfs")
+    monkeypatch.setenv("PP_HOST_PW", "host-secret")
+    cfg = agent_config(tmp_path, broker)
+    cfg["streams"] = [{"name": "cam1", "source": _video(tmp_path / "cam1.avi"), "fps_limit": 50.0, "harvest": True}]
+    cfg["harvest"] = {"dir": str(pool), "interval_s": 0.0, "min_free_mb": 0}
+    w = Watcher(broker)
+    d = InProcessDaemon(cfg)
+    try:
+        w.status("online")
+        assert w.call("deploy", {"path": str(package(tmp_path, 1))})["ok"]
+        tel = w.wait_for(lambda t, b: t.endswith("/telemetry") and (b.get("harvest") or {}).get("state") == "paused")[1]
+        assert tel["harvest"]["reason"] in ("read-only file system", "permission denied") and tel["harvest"]["frames"] == 0
+        mark = w.mark()
+        w.wait_for(lambda t, b: t.endswith("/telemetry") and b["streams"].get("cam1", {}).get("frames_processed", 0)
+                   > tel["streams"]["cam1"]["frames_processed"], start=mark)  # inference goes on
+        assert w.call("ping")["ok"]
+    finally:
+        d.stop()
+        w.close()
+        if os.geteuid() == 0:
+            subprocess.run(["umount", str(pool)], check=False)
+    assert not w.invalid, w.invalid
