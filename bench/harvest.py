@@ -274,14 +274,78 @@ def run_stream(model: Path, video: Path, seconds: float, harvest: bool, interval
     return out
 
 
+def measure_pull(frames: int, kbps: float, telemetry_s: float = 0.5) -> dict:
+    """A pull of ``frames`` real 640x480 JPEGs from an in-process agent over a real Mosquitto
+    (the tests' broker and daemon helpers): throughput, and the gaps between telemetry messages
+    during the pull as they arrive at a host subscriber (must stay near ``telemetry_s``: the pull must not starve telemetry)."""
+    sys.path.insert(0, str(REPO / "tests"))
+    import os as _os
+
+    from conftest import Broker  # noqa: E402 - the tests' real-Mosquitto helper
+    from test_mqtt_helpers import DEV, SITE, InProcessDaemon, Watcher, agent_config
+
+    from prune_pack.agent.harvest import Harvester
+    from prune_pack.agent.settings import HarvestSection, MqttSection
+    from prune_pack.deploy.frames import pull
+    from prune_pack.deploy.remote import RemoteDevice
+
+    with tempfile.TemporaryDirectory() as tmp:
+        t = Path(tmp)
+        h = Harvester(HarvestSection(interval_s=0, min_free_mb=0), t / "state" / "harvest")
+        h.start()
+        for i, img in enumerate(read_video(stream_video(OUT / "stream.mp4"))[:frames]):
+            h.offer("cam", img, 1.7e9 + i, np.zeros((0, 6), np.float32))
+            h.wait_idle()
+        h.stop()
+        broker = Broker(t).start()
+        _os.environ["PP_HOST_PW"] = "host-secret"
+        cfg = agent_config(t, broker)
+        cfg["agent"]["telemetry_interval_s"] = telemetry_s
+        cfg["harvest"] = {"min_free_mb": 0, "pull_kbps": kbps}
+        w = Watcher(broker)
+        arrivals: list[float] = []
+        orig = w.client.on_message
+
+        def on_message(c: Any, u: Any, msg: Any) -> None:  # arrival time, not the message's own ts_ms
+            if msg.topic.endswith("/telemetry"):
+                arrivals.append(time.monotonic())
+            orig(c, u, msg)
+
+        w.client.on_message = on_message
+        d = InProcessDaemon(cfg)
+        try:
+            w.status("online")
+            t0 = time.monotonic()
+            res = pull(lambda: RemoteDevice(MqttSection(broker=broker.url, username="host", password_env="PP_HOST_PW"),
+                                            DEV, SITE), t / "out", log=lambda m: None)
+            dt = time.monotonic() - t0
+            tel = [a for a in arrivals if t0 <= a <= t0 + dt]
+        finally:
+            d.stop()
+            w.close()
+            broker.stop()
+    gaps = np.diff(tel) if len(tel) > 1 else np.zeros(0)
+    return {"frames": res["fetched"], "mb": res["mb"], "seconds": round(dt, 2), "mb_per_s": round(res["mb"] / dt, 3),
+            "pull_kbps": kbps, "telemetry_interval_s": telemetry_s, "telemetry_messages": len(tel),
+            "telemetry_gap_max_s": round(float(gaps.max()), 2) if gaps.size else None,
+            "telemetry_gap_median_s": round(float(np.median(gaps)), 2) if gaps.size else None}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--measure", action="store_true", help="descriptor and uncertainty measurements")
     ap.add_argument("--seconds", type=float, default=20.0)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--interval", type=float, default=1.0, help="harvest.interval_s for the 'on' runs")
+    ap.add_argument("--pull", type=int, metavar="N", help="measure a frames pull of N frames over a real Mosquitto")
+    ap.add_argument("--kbps", type=float, default=1024.0, help="harvest.pull_kbps for --pull")
     args = ap.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
+    if args.pull:
+        res = {"cpu": cpu_name(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), **measure_pull(args.pull, args.kbps)}
+        (OUT / "pull.json").write_text(json.dumps(res, indent=1))
+        print(json.dumps(res, indent=1))
+        return
     if args.measure:
         with tempfile.TemporaryDirectory() as tmp:
             res = {"dedup": measure_dedup(Path(tmp)), "uncertainty": measure_uncertainty(), "cpu": cpu_name()}
