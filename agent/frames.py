@@ -37,9 +37,7 @@ def start_harvester(daemon: Any) -> Harvester:
         return {k: v for k, v in m.summary().items() if k in ("name", "version", "sha256", "id")} if m else None
 
     h = Harvester(cfg, pool_dir(cfg, daemon.state_dir), model_info=model_info)
-    h.start()
-    if not any(s.harvest for s in daemon.stream_cfgs):
-        h.state = "off"  # a kept pool can still be listed and pulled
+    h.start(enabled=any(s.harvest for s in daemon.stream_cfgs))
     return h
 
 

@@ -323,12 +323,17 @@ class Harvester:
         self._pace_t = 0.0
 
     # ------------------------------------------------------------ life cycle
-    def start(self) -> None:
-        """Rebuild the pool index (a failure pauses, never raises) and start the writer thread."""
+    def start(self, enabled: bool = True) -> None:
+        """Rebuild the pool index (a failure pauses, never raises) and start the writer thread.
+
+        ``enabled=False`` (no stream harvests): state ``off``; the kept pool can still be read."""
         try:
             for note in self.pool.open():
                 log.warning("harvest pool: %s", note)
-            self._resume()
+            if enabled:
+                self._resume()
+            else:
+                self.state, self.reason = "off", None
         except OSError as e:
             self._pause(_pause_reason(e), e)
         self._thread = threading.Thread(target=self._writer, name="harvest-writer", daemon=True)
