@@ -364,11 +364,19 @@ class Harvester:
 
     # ------------------------------------------------------------ the inference side
     def offer(self, stream: str, img: np.ndarray, wall: float, det: np.ndarray, model: Optional[dict] = None) -> str:
-        """Consider one inferred frame: "interval" (not due), "paused", "queued" or "queue_full".
+        """Consider one inferred frame: "interval" (not due), "paused", "queued", "queue_full" or "error".
 
         Costs a dict lookup and a ``put_nowait``: thumbnails, dedup, scoring, JPEG and disk all
-        happen on the writer thread, so inference never waits for harvesting.
+        happen on the writer thread, so inference never waits for harvesting. Never raises.
         """
+        try:
+            return self._offer(stream, img, wall, det, model)
+        except Exception as e:  # noqa: BLE001 - harvesting must never stop inference
+            self._count("errors")
+            log.warning("harvest: offer failed: %s", e)
+            return "error"
+
+    def _offer(self, stream: str, img: np.ndarray, wall: float, det: np.ndarray, model: Optional[dict]) -> str:
         now = time.monotonic()
         with self._lock:
             if now < self._next.get(stream, 0.0):

@@ -492,10 +492,7 @@ class StreamManager:
                     st.output_errors += 1
                 log.warning("stream %s: output failed: %s", st.name, e)
             if self.harvester is not None and st.cfg.harvest:
-                try:  # cheap and non-blocking (a bounded queue to its own writer thread)
-                    self.harvester.offer(st.name, frame.img, frame.wall, det)
-                except Exception as e:  # noqa: BLE001 - harvesting must never stop inference
-                    log.warning("stream %s: harvest failed: %s", st.name, e)
+                self.harvester.offer(st.name, frame.img, frame.wall, det)  # never blocks, never raises
 
     def _finish(self, st: _Stream, drop: Optional[str], error: Optional[str] = None, latency_ms: float = 0.0,
                 age_ms: float = 0.0) -> None:
