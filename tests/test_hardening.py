@@ -233,3 +233,29 @@ def test_answers_carry_json_schema_valid_errors(agent, tmp_path):
     r = w.call("deploy", {"path": str(tmp_path / "none.ppk")})
     assert r["error"]["reason"] == "not_a_package"
     assert json.dumps(r)  # validated by the Watcher against cmd-result.json
+
+
+def test_command_queue_overflow_is_answered_and_counted(agent, tmp_path):
+    """A burst beyond the slow lane's 16 places: every request answered (``busy`` for the
+    overflow), the overflow counted in telemetry's health (it used to vanish uncounted)."""
+    start, w = agent
+    d = start()
+    v1 = package(tmp_path, 1)
+    n = 24
+    with d.daemon._model_lock:  # the slow worker blocks on its first command: the queue fills deterministically
+        first = w.mark()
+        for i in range(n):
+            w.publish("deploy", sign_request("deploy", {"request_id": f"burst-{i}", "path": str(v1)}, keys(tmp_path)[0],
+                                             f"{SITE}/{DEV}"))
+        # the overflow is answered at once, while the lane is still blocked
+        w.wait_for(lambda t, b: sum(1 for m in w.messages[first:] if m[0].endswith("/cmd/deploy/res")) >= n - 17,
+                   start=first)
+    answers = {}
+    for i in range(n):
+        r = w.wait_for(lambda t, b, i=i: t.endswith("/cmd/deploy/res") and b.get("request_id") == f"burst-{i}", start=first)[1]
+        answers[i] = r
+    busy = [i for i, r in answers.items() if not r["ok"] and r["error"]["reason"] == "busy"]
+    assert len(busy) == n - 17, answers  # one running + 16 queued
+    health = w.wait_for(lambda t, b: t.endswith("/telemetry") and b.get("health", {}).get("commands_busy", 0) >= len(busy),
+                        start=first)[1]["health"]
+    assert health["commands_busy"] == len(busy) and health["commands_unanswered"] == 0
