@@ -114,14 +114,14 @@ def run_streams(tmp_path: Path, h: Harvester, videos: dict[str, str], until) -> 
 def test_dedup_on_real_video_static_keeps_one_changing_keeps_more(tmp_path):
     vids = {"static": _video(tmp_path / "s.avi", [_scene(i, False) for i in range(30)]),
             "moving": _video(tmp_path / "m.avi", [_scene(i, True) for i in range(30)])}
-    h = Harvester(cfg(), tmp_path / "pool")
+    h = Harvester(cfg(queue=64), tmp_path / "pool")  # room for every frame: none dropped as queue_full
     h.start()
     m = run_streams(tmp_path, h, vids, lambda s: all(v["state"] == "ended" and v["in_flight"] == 0 for v in s.values()))
     assert m["streams"]["static"]["frames_processed"] == 30
     kept = {n: len(list((tmp_path / "pool").glob(f"{n}_*.jpg"))) for n in vids}
     assert kept["static"] == 1, kept
     assert kept["moving"] >= 5, kept
-    assert h.status()["skipped_duplicate"] >= 29
+    assert h.status()["skipped_duplicate"] >= 29 and h.status()["dropped_queue_full"] == 0
     h.stop()
 
 
