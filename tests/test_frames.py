@@ -67,28 +67,33 @@ def _video(path: Path, n: int = 40) -> str:
 def test_stream_harvest_then_cli_pull_and_stats(broker, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("PP_HOST_PW", "host-secret")
     cfg = agent_config(tmp_path, broker)
-    cfg["streams"] = [{"name": "cam1", "source": _video(tmp_path / "cam1.avi"), "fps_limit": 50.0, "harvest": True},
-                      {"name": "cam2", "source": _video(tmp_path / "cam2.avi"), "fps_limit": 50.0}]  # not opted in
+    # the files play once: the pool is final before the pulls (a looping stream would keep evicting)
+    cfg["streams"] = [{"name": "cam1", "source": _video(tmp_path / "cam1.avi"), "fps_limit": 50.0, "harvest": True,
+                       "loop": False},
+                      {"name": "cam2", "source": _video(tmp_path / "cam2.avi"), "fps_limit": 50.0, "loop": False}]
     cfg["harvest"] = {"interval_s": 0.0, "min_free_mb": 0, "max_frames": 6}
     w = Watcher(broker)
     d = InProcessDaemon(cfg)
     try:
         w.status("online")
         assert w.call("deploy", {"path": str(package(tmp_path, 1))})["ok"]  # starts the streams
-        tel = w.wait_for(lambda t, b: t.endswith("/telemetry") and (b.get("harvest") or {}).get("frames", 0) >= 6)[1]
-        assert tel["harvest"]["state"] == "active" and tel["harvest"]["evicted"] >= 0
+        w.wait_for(lambda t, b: t.endswith("/telemetry") and b["streams"].get("cam1", {}).get("state") == "ended"
+                         and b["streams"]["cam1"]["in_flight"] == 0)[1]
+        assert d.daemon.harvester.wait_idle()
+        st = d.daemon.harvester.status()
+        assert st["state"] == "active" and st["frames"] == 6 and st["kept"] >= 6 and st["sampled"] >= 6
         host = tmp_path / "host.yaml"
         host.write_text(yaml.safe_dump({"device": {"site": SITE}, "mqtt": {"username": "host", "password_env": "PP_HOST_PW"}}))
         out = tmp_path / "frames"
         args = ["frames", "pull", "--device", DEV, "--out", str(out), "--config", str(host), "--broker", broker.url, "--json"]
         assert main(args + ["--max", "2"]) == 0
         res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-        assert res["fetched"] == 2 and res["listed"] >= 6 and res["failed"] == []
+        assert res["fetched"] == 2 and res["listed"] == 6 and res["failed"] == []
         assert main(args) == 0  # the rest; the first two are verified and skipped
         res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-        assert res["present"] == 2 and res["fetched"] + res["present"] + res["gone"] == res["listed"]
+        assert (res["present"], res["fetched"], res["gone"], res["listed"]) == (2, 4, 0, 6)
         frames = list_frames(out)
-        assert len(frames) == res["frames_in_out"] >= 6 and all(p.name.startswith("cam1_") for p in frames)
+        assert len(frames) == res["frames_in_out"] == 6 and all(p.name.startswith("cam1_") for p in frames)
         side = json.loads(frames[0].with_suffix(".json").read_text())
         assert side["stream"] == "cam1" and side["model"]["version"] == 1 and side["why"] in ("novel", "uncertain")
         assert cv2.imread(str(frames[0])).shape == (96, 96, 3)
@@ -97,7 +102,7 @@ def test_stream_harvest_then_cli_pull_and_stats(broker, tmp_path, monkeypatch, c
         assert st["frames"] == len(frames) and st["by_stream"] == {"cam1": len(frames)} and st["partial"] == 0
         assert main(["frames", "stats", "--device", DEV, "--config", str(host), "--broker", broker.url, "--json"]) == 0
         st = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-        assert st["pool"]["state"] == "active" and st["pool"]["frames"] <= 6
+        assert st["pool"]["state"] == "active" and st["pool"]["frames"] == 6
     finally:
         d.stop()
         w.close()
