@@ -79,8 +79,12 @@ def test_stream_harvest_then_cli_pull_and_stats(broker, tmp_path, monkeypatch, c
         assert w.call("deploy", {"path": str(package(tmp_path, 1))})["ok"]  # starts the streams
         w.wait_for(lambda t, b: t.endswith("/telemetry") and b["streams"].get("cam1", {}).get("state") == "ended"
                          and b["streams"]["cam1"]["in_flight"] == 0)[1]
-        assert d.daemon.harvester.wait_idle()
-        st = d.daemon.harvester.status()
+        hv, deadline = d.daemon.harvester, time.monotonic() + 20
+        processed = d.daemon.streams.metrics()["streams"]["cam1"]["frames_processed"]
+        while hv.status()["sampled"] < processed and time.monotonic() < deadline:  # the last offer follows _finish
+            time.sleep(0.02)
+        assert hv.wait_idle()
+        st = hv.status()
         assert st["state"] == "active" and st["frames"] == 6 and st["kept"] >= 6 and st["sampled"] >= 6
         host = tmp_path / "host.yaml"
         host.write_text(yaml.safe_dump({"device": {"site": SITE}, "mqtt": {"username": "host", "password_env": "PP_HOST_PW"}}))
