@@ -13,116 +13,54 @@ failure at any step answers with a reason and leaves the active model running.
 
 from __future__ import annotations
 
-import base64
-import binascii
-import inspect
+import dataclasses
 import json
 import logging
 import os
 import queue
-import shutil
 import signal
-import socket
 import threading
 import time
-import urllib.parse
-import urllib.request
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 from prune_pack import __version__
+from prune_pack.agent.cmdauth import CommandAuth, NonceStore
+from prune_pack.agent.commands import (
+    COMMON_FIELDS,
+    FAST,
+    PROFILE_ARGS,
+    SLOW,
+    SOURCE_ARGS,
+    SOURCES,
+    Arg,
+    CommandError,
+    command,
+    given_source,
+    lane_of,
+    load_all,
+    lookup,
+)
+from prune_pack.agent.fetch import Fetched
+from prune_pack.agent.fsutil import disk_full, free_bytes
 from prune_pack.agent.mqtt import SCHEMA_DETECTIONS, SCHEMA_RESULT, SCHEMA_TELEMETRY, MqttLink
 from prune_pack.agent.settings import (
     AgentSection,
     DeviceSection,
+    HarvestSection,
     InferenceSection,
     MqttSection,
     ProfileSection,
     StreamSection,
+    merged,
 )
 from prune_pack.agent.store import ModelStore, StoredModel, StoreError
-from prune_pack.errors import PackageRejected, PrunePackError, ReasonedError
+from prune_pack.agent.system import crash_point, machine_id, sd_notify, temperature_c, watchdog_interval_s
+from prune_pack.errors import PrunePackError, ReasonedError
 
 log = logging.getLogger("prune_pack.agent.daemon")
 
 MiB = 1024 * 1024
-FAST = ("ping", "status", "list-models")
-SLOW = ("profile", "deploy", "activate", "rollback")
-COMMANDS = FAST + SLOW
-# Fault injection for the crash tests: SIGKILL ourselves at a named point of a deploy.
-CRASH_ENV = "PRUNE_PACK_CRASH_AT"
-CRASH_POINTS = ("verified", "stage_files", "staged", "before_switch", "after_switch")
-
-# Argument types per command: name -> (json types, required). request_id is checked for all.
-_STR, _BOOL, _INT, _NUM = (str,), (bool,), (int,), (int, float)
-ARGS: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
-    "ping": {},
-    "status": {},
-    "list-models": {},
-    "rollback": {},
-    "activate": {"model": (_STR, True), "force": (_BOOL, False)},
-    "deploy": {"package_b64": (_STR, False), "path": (_STR, False), "url": (_STR, False), "force": (_BOOL, False)},
-    "profile": {"package_b64": (_STR, False), "path": (_STR, False), "url": (_STR, False), "force": (_BOOL, False),
-                "backend": (_STR, False), "precision": (_STR, False), "threads": (_INT, False),
-                "warmup": (_INT, False), "runs": (_INT, False), "seconds": (_NUM, False)},
-}
-LIMITS = {"threads": (0, 256), "warmup": (0, 1000), "runs": (1, 10000), "seconds": (0.01, 600.0)}
-
-
-class CommandError(ReasonedError):
-    """A command that fails with a stable ``reason`` (sent in the answer) and a detail."""
-
-
-# ---------------------------------------------------------------------- sd_notify
-
-
-def sd_notify(message: str) -> bool:
-    """systemd's notify protocol without libsystemd: one datagram to $NOTIFY_SOCKET
-    (a path, or '@name' in the abstract namespace). False when not under systemd."""
-    addr = os.environ.get("NOTIFY_SOCKET")
-    if not addr:
-        return False
-    if addr.startswith("@"):
-        addr = "\0" + addr[1:]
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
-            s.connect(addr)
-            s.sendall(message.encode())
-        return True
-    except OSError as e:
-        log.warning("sd_notify(%s) failed: %s", message.split("\n")[0], e)
-        return False
-
-
-def watchdog_interval_s() -> Optional[float]:
-    """Half of systemd's watchdog timeout, if one is set for this process."""
-    usec = os.environ.get("WATCHDOG_USEC")
-    pid = os.environ.get("WATCHDOG_PID")
-    if not usec or (pid and pid != str(os.getpid())):
-        return None
-    try:
-        return max(0.05, int(usec) / 2e6)
-    except ValueError:
-        return None
-
-
-# ---------------------------------------------------------------------- helpers
-
-
-def _crash_point(name: str) -> None:
-    if os.environ.get(CRASH_ENV) == name:
-        log.error("fault injection: SIGKILL at %s", name)
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-def _call_filtered(func: Callable, **kwargs: Any) -> Any:
-    """Call with the keyword arguments the function accepts (colleagues' signatures evolve)."""
-    params = inspect.signature(func).parameters
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return func(**kwargs)
-    return func(**{k: v for k, v in kwargs.items() if k in params})
-
-
 def _names(manifest: dict) -> dict[int, str]:
     raw = manifest.get("names", manifest.get("classes"))
     if isinstance(raw, list):
@@ -132,46 +70,13 @@ def _names(manifest: dict) -> dict[int, str]:
     return {}
 
 
-def _temperature_c() -> Optional[float]:
-    try:
-        import psutil
-
-        temps = psutil.sensors_temperatures() if hasattr(psutil, "sensors_temperatures") else {}
-        vals = [t.current for entries in temps.values() for t in entries if t.current is not None]
-        if vals:
-            return round(max(vals), 1)
-    except Exception:  # noqa: BLE001 - sensors are optional and vary wildly
-        pass
-    return None
-
-
-def check_args(name: str, args: dict) -> None:
-    spec = ARGS[name]
-    for k, v in args.items():
-        if k not in spec:
-            raise CommandError("bad_request", f"unknown field {k!r} for {name} (expected: {', '.join(sorted(spec)) or 'none'})")
-        types, _ = spec[k]
-        if isinstance(v, bool) and bool not in types or not isinstance(v, types):
-            want = "/".join("number" if t is float else t.__name__ for t in types)
-            raise CommandError("bad_request", f"field {k!r} must be {want}, got {type(v).__name__}")
-        if k in LIMITS and not LIMITS[k][0] <= v <= LIMITS[k][1]:
-            raise CommandError("bad_request", f"field {k!r} must be within {LIMITS[k]}, got {v}")
-    for k, (_, required) in spec.items():
-        if required and k not in args:
-            raise CommandError("bad_request", f"field {k!r} is required for {name}")
-    sources = [k for k in ("package_b64", "path", "url") if k in args]
-    if len(sources) > 1:
-        raise CommandError("bad_request", f"give one of package_b64, path, url (got {', '.join(sources)})")
-    if name == "deploy" and not sources:
-        raise CommandError("bad_request", "deploy needs one of package_b64, path, url")
-
-
 # ---------------------------------------------------------------------- daemon
 
 
 class Daemon:
     def __init__(self, device: DeviceSection, mqtt: MqttSection, agent: AgentSection, profile: ProfileSection,
-                 inference: InferenceSection, streams: Optional[list[StreamSection]] = None) -> None:
+                 inference: InferenceSection, streams: Optional[list[StreamSection]] = None,
+                 harvest: Optional[HarvestSection] = None) -> None:
         self.device, self.mqtt, self.agent = device, mqtt, agent
         self.profile_cfg, self.inference, self.stream_cfgs = profile, inference, list(streams or [])
         self.state_dir = Path(agent.state_dir)
@@ -189,19 +94,30 @@ class Daemon:
         self.started = time.time()
         self.ready = threading.Event()
         self.unanswered = 0  # commands dropped because the fast queue was full
+        self.busy = 0  # commands answered "busy" because the slow queue was full
         self._proc: Any = None
+        self.harvest_cfg = harvest or HarvestSection()
+        self.harvester: Any = None  # agent.harvest.Harvester, from start() (agent.frames.start_harvester)
+        self.auth: Optional[CommandAuth] = None
 
     @classmethod
     def from_config(cls, cfg: Any) -> "Daemon":
-        return cls(cfg.device, cfg.mqtt, cfg.agent, cfg.profile, cfg.inference, cfg.streams)
+        return cls(cfg.device, cfg.mqtt, cfg.agent, cfg.profile, cfg.inference, cfg.streams, cfg.harvest)
 
     # ------------------------------------------------------------ lifecycle
     def start(self) -> None:
+        load_all()
+        if self.agent.allow_unsigned:
+            log.warning("agent.allow_unsigned is a host setting (prune-pack profile/verify); the daemon refuses unsigned packages")
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        self.store.open()
+        self.store.open(trust=self._signed_by_trusted_key)
         for note in self.store.recovered:
             log.warning("store recovery: %s", note)
         # Credentials and broker URL are checked before the (possibly slow) model load.
+        self.auth = CommandAuth(self.agent.command_keys, self.agent.revoked_keys, self.device.id, self.device.site,
+                                NonceStore(self.state_dir / "nonces.json"), self.agent.allow_unsigned_commands)
+        if self.agent.allow_unsigned_commands:
+            log.warning("agent.allow_unsigned_commands: anyone who can publish to cmd/ can deploy and run code")
         self.link = MqttLink(self.device, self.mqtt, self.state_dir, self._enqueue, self._status_fields)
         self._load_initial()
         for name, q in (("cmd-fast", self._fast), ("cmd-slow", self._slow)):
@@ -209,6 +125,9 @@ class Daemon:
             t.start()
             self._workers.append(t)
         self.link.start()
+        from prune_pack.agent.frames import start_harvester
+
+        self.harvester = start_harvester(self)
         if self.stream_cfgs and self.session is not None:
             self._start_streams()
         self.ready.set()
@@ -230,6 +149,14 @@ class Daemon:
                     self.store.rollback()
                 except StoreError:
                     return
+
+    def _signed_by_trusted_key(self, model_dir: Path) -> bool:
+        from prune_pack.agent.verifier import signature_verifies
+
+        ok = signature_verifies(model_dir, self.agent.trusted_keys, self.agent.revoked_keys)
+        if not ok:
+            log.error("stored model %s: its signature does not verify against agent.trusted_keys", model_dir.name)
+        return ok
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -255,10 +182,28 @@ class Daemon:
             self.shutdown()
 
     def healthy(self) -> bool:
-        ok = all(t.is_alive() for t in self._workers) and (self.link is None or self.link.alive())
-        if not ok:
-            log.error("a worker thread died; withholding WATCHDOG=1 so systemd restarts the agent")
-        return ok
+        """For WATCHDOG=1 (sent by the working loop, so a hung loop is caught too): the command
+        workers, the outbox sender and paho's network thread are alive."""
+        dead = [t.name for t in self._workers if not t.is_alive()]
+        if self.link is not None and not self.link.alive():
+            dead.append("mqtt")
+        if dead:
+            log.error("thread(s) %s died; withholding WATCHDOG=1 so systemd restarts the agent", ", ".join(dead))
+        return not dead
+
+    def health(self) -> dict:
+        """Telemetry's ``health``: free space of state_dir, and why the agent is degraded (if it is)."""
+        free = free_bytes(self.state_dir)
+        reasons = []
+        if free is not None and free < self.agent.min_free_mb * MiB:
+            reasons.append(f"state_dir has {free / MiB:.1f} MiB free (< agent.min_free_mb)")
+        link = self.link
+        if link is not None and link.outbox.degraded:
+            reasons.append(link.outbox.degraded[:200])
+        return {"state_free_mb": round(free / MiB, 1) if free is not None else None, "degraded": bool(reasons),
+                "reasons": reasons, "outbox_recreated": link.outbox.recreated if link else 0,
+                "messages_lost": link.send_failed if link else 0, "commands_busy": self.busy,
+                "commands_unanswered": self.unanswered}
 
     def shutdown(self) -> None:
         sd_notify("STOPPING=1")
@@ -273,6 +218,8 @@ class Daemon:
                 self.streams.stop()
             except Exception as e:  # noqa: BLE001
                 log.warning("stopping streams: %s", e)
+        if self.harvester is not None:
+            self.harvester.stop()
         for t in self._workers:
             t.join(2)
         if self.link is not None:
@@ -296,12 +243,10 @@ class Daemon:
         from prune_pack.agent.streams import session_factory_for
 
         factory = session_factory_for(self.inference, len(self.stream_cfgs), self.cache_dir)
-        self.streams = _call_filtered(StreamManager, streams=self.stream_cfgs, inference=self.inference,
-                                      session_factory=factory, names=_names(m.manifest),
-                                      on_detections=self._on_detections, model_path=m.model_path)
+        self.streams = StreamManager(streams=self.stream_cfgs, inference=self.inference, session_factory=factory,
+                                     names=_names(m.manifest), on_detections=self._on_detections,
+                                     model_path=m.model_path, harvester=self.harvester)
         self.streams.start()  # loads the model before the first frame is read
-        if self.streams.model_path is None:  # a StreamManager without model_path support
-            self.streams.swap(m.model_path, _names(m.manifest))
 
     def _on_detections(self, stream: str, body: dict) -> None:
         link = self.link
@@ -354,12 +299,14 @@ class Daemon:
         body: dict[str, Any] = {
             "cpu_percent": round(cpu, 1), "system_cpu_percent": round(psutil.cpu_percent(None), 1),
             "rss_mb": round(rss / MiB, 1), "load": [round(x, 2) for x in os.getloadavg()],
-            "temperature_c": _temperature_c(), "uptime_s": round(time.time() - self.started, 1),
+            "temperature_c": temperature_c(), "uptime_s": round(time.time() - self.started, 1),
             "model": self._model_info(self.store.active), "streams": {},
             "queue": self.link.queue_info() if self.link else {"pending": 0, "dropped": 0},
             "detections_dropped": self.link.detections_dropped if self.link else 0,
         }
         body["inference"] = None
+        body["harvest"] = self.harvester.status() if self.harvester is not None else None
+        body["health"] = self.health()
         if self.streams is not None:
             try:
                 m = self.streams.metrics()
@@ -390,10 +337,11 @@ class Daemon:
                                                             "clear it with an empty retained message"))
         else:
             item = (name, payload, None)
-        target = self._slow if name in SLOW and item[2] is None else self._fast
+        target = self._slow if lane_of(name) == SLOW and item[2] is None else self._fast
         try:
             target.put_nowait(item)
         except queue.Full:
+            self.busy += 1
             try:
                 self._fast.put_nowait((name, payload if len(payload) <= max_bytes else None,
                                        CommandError("busy", f"{self._slow.maxsize} commands are waiting; retry later")))
@@ -419,23 +367,25 @@ class Daemon:
             request_id = _request_id(payload)
         if error is None:
             try:
-                args = _parse(payload or b"")
-                request_id = args.pop("request_id")
-                if name not in COMMANDS:
-                    raise CommandError("unknown_command", f"{name!r} (known: {', '.join(COMMANDS)})")
-                check_args(name, args)
-                result = getattr(self, "cmd_" + name.replace("-", "_"))(args)
-            except CommandError as e:
-                error = e
-            except PackageRejected as e:
-                error = CommandError(e.reason, e.detail)
-            except StoreError as e:
-                error = CommandError(e.reason, e.detail)
+                request = _parse(payload or b"")
+                request_id = request["request_id"]
+                spec = lookup(name)
+                args = {k: v for k, v in request.items() if k not in COMMON_FIELDS}
+                spec.check(args)
+                if spec.needs_signature(args):
+                    self._authorize(name, request, args)
+                result = spec.handler(self, args)
+            except ReasonedError as e:  # CommandError, PackageRejected, StoreError: their own reason
+                error = e if isinstance(e, CommandError) else CommandError(e.reason, e.detail)
             except PrunePackError as e:
                 error = CommandError("failed", str(e))
             except Exception as e:  # noqa: BLE001 - answered, logged, the daemon lives on
-                log.exception("command %s crashed", name)
-                error = CommandError("internal", f"{type(e).__name__}: {e}")
+                if disk_full(e):
+                    error = CommandError("disk_full", f"{type(e).__name__}: {e}")
+                    log.error("command %s: disk full (%s)", name, e)
+                else:
+                    log.exception("command %s crashed", name)
+                    error = CommandError("internal", f"{type(e).__name__}: {e}")
         body: dict[str, Any] = {"request_id": request_id, "cmd": name, "ok": error is None}
         if error is None:
             body["result"] = result
@@ -446,18 +396,31 @@ class Daemon:
         if link is not None:
             link.send(link.topics.result(name), link.envelope(SCHEMA_RESULT, **body), qos=1)
 
+    def _authorize(self, name: str, request: dict, args: dict) -> None:
+        """Signed commands (agent.cmdauth): refused unless signed by a command key for this device;
+        ``force`` (a downgrade, an unvalidated backend) always needs a signature."""
+        kid = self.auth.check(name, request) if self.auth is not None else None
+        if kid is None and args.get("force"):
+            raise CommandError("unsigned_command", "force needs a signed request")
+        if kid is not None:
+            log.info("command %s signed by %s", name, kid)
+
+    @command("ping", FAST)
     def cmd_ping(self, args: dict) -> dict:
         return {"pong": True, "uptime_s": round(time.time() - self.started, 1)}
 
+    @command("status", FAST)
     def cmd_status(self, args: dict) -> dict:
         return {**self._status_fields(), "state": "online" if self.link and self.link.connected else "offline",
                 "queue": self.link.queue_info() if self.link else None, "session": self.link.session if self.link else None,
                 "backend": self.inference.backend,
                 "streams_metrics": self.streams.metrics().get("streams", {}) if self.streams else {}}
 
+    @command("list-models", FAST)
     def cmd_list_models(self, args: dict) -> dict:
         return {"models": [{**m.summary(), "state": self.store.state_of(m.id)} for m in self.store.list()]}
 
+    @command("rollback", SLOW, signed=True)
     def cmd_rollback(self, args: dict) -> dict:
         with self._model_lock:
             prev = self.store.previous
@@ -468,33 +431,37 @@ class Daemon:
             self._switch(m, session, precision)
             return {"active": self._model_info(m), "previous": self.store.previous.summary() if self.store.previous else None}
 
+    @command("activate", SLOW, signed=True,
+             args={"model": Arg("string", required=True, min_length=8, max_length=128), "force": Arg("boolean")})
     def cmd_activate(self, args: dict) -> dict:
-        from prune_pack.agent.package import check_validated
+        from prune_pack.agent.manifest import check_validated
 
         with self._model_lock:
             m = self.store.find(args["model"])
+            self._check_policy(m.manifest, args.get("force", False))
             precision = check_validated(m.manifest, self.inference.backend, self.inference.precision, args.get("force", False))
             session, precision = self._load(m, precision)
             self.store.activate(m.id)
             self._switch(m, session, precision)
             return {"active": self._model_info(m), "previous": self.store.previous.summary() if self.store.previous else None}
 
+    @command("deploy", SLOW, signed=True, args={**SOURCE_ARGS, "force": Arg("boolean")}, one_of=SOURCES,
+             one_required=True)
     def cmd_deploy(self, args: dict) -> dict:
-        from prune_pack.agent.package import check_newer, check_validated
+        from prune_pack.agent.manifest import check_validated
 
         force = args.get("force", False)
         with self._model_lock, self._fetched(args) as pkg:
             vp = self._verify(pkg)
             try:
-                _crash_point("verified")
+                crash_point("verified")
                 precision = check_validated(vp.manifest, self.inference.backend, self.inference.precision, force)
-                active = self.store.active
-                check_newer(vp.manifest, active.manifest if active else None, force)  # replay/downgrade guard
-                m = self.store.stage(vp.dir, crash_hook=_crash_point)
+                self._check_policy(vp.manifest, force)
+                m = self.store.stage(vp.dir, crash_hook=crash_point)
             except BaseException:
                 vp.discard()
                 raise
-            _crash_point("staged")
+            crash_point("staged")
             was_kept = m.id in (self.store._active, self.store._previous)  # noqa: SLF001
             try:
                 session, precision = self._load(m, precision)
@@ -508,12 +475,14 @@ class Daemon:
                 raise
             if m.id == self.store._active:  # noqa: SLF001
                 return {"active": self._model_info(m), "changed": False, "profile": prof}
-            self.store.activate(m.id, crash_hook=_crash_point)
+            self.store.activate(m.id, crash_hook=crash_point)
             self._switch(m, session, precision)
             prev = self.store.previous
             return {"active": self._model_info(m), "changed": True, "previous": prev.summary() if prev else None,
                     "signed": vp.signed, "key_id": vp.key_id, "profile": prof}
 
+    @command("profile", SLOW, signed=given_source, args={**SOURCE_ARGS, "force": Arg("boolean"), **PROFILE_ARGS},
+             one_of=SOURCES)
     def cmd_profile(self, args: dict) -> dict:
         """Profile the active model or a given package, isolated: the package is verified into a
         private folder, measured and removed; nothing is stored or activated. Every requested
@@ -537,79 +506,39 @@ class Daemon:
                  package: bool = False) -> dict:
         from prune_pack.agent.profiler import profile_model
 
-        seconds = args.get("seconds", self.profile_cfg.seconds)
-        kw: dict[str, Any] = dict(threads=args.get("threads", self.profile_cfg.threads),
-                                  warmup=args.get("warmup", self.profile_cfg.warmup),
-                                  runs=args.get("runs", self.profile_cfg.runs), seconds=seconds,
-                                  backend=backend or self.profile_cfg.backend,
-                                  precision=precision or self.profile_cfg.precision, cache_dir=self.cache_dir)
+        given = {k: args.get(k) for k in ("threads", "warmup", "runs", "seconds")}
+        opts = merged(self.profile_cfg, backend=backend, precision=precision, **given)
+        if given["runs"] is not None and given["seconds"] is None:
+            opts = dataclasses.replace(opts, seconds=None)  # an explicit run count wins over the config's seconds
+        kw: dict[str, Any] = dict(threads=opts.threads, warmup=opts.warmup, runs=opts.runs, seconds=opts.seconds,
+                                  backend=opts.backend, precision=opts.precision, cache_dir=self.cache_dir)
         if package:
+            # The daemon never runs an unsigned package, whatever agent.allow_unsigned says (a host setting).
             kw.update(trusted_keys=self.agent.trusted_keys, revoked_keys=self.agent.revoked_keys,
-                      allow_unsigned=self.agent.allow_unsigned, max_bytes=int(self.agent.max_package_mb * MiB))
+                      allow_unsigned=False, max_bytes=int(self.agent.max_package_mb * MiB), require_package=True)
         try:
             return profile_model(model, **kw)
-        except PackageRejected:
+        except ReasonedError:  # PackageRejected keeps its reason
             raise
         except PrunePackError as e:
             raise CommandError("profile_failed", str(e)) from None
 
+    def _check_policy(self, manifest: dict, force: bool) -> None:
+        """Expiry, device binding, and the version memory (replay/downgrade/jump guard)."""
+        from prune_pack.agent.manifest import check_binding, check_newer
+
+        check_binding(manifest, self.device.id, self.device.site, machine_id(), time.time())
+        check_newer(manifest, self.store.highest(str(manifest.get("name"))), force, self.agent.max_version_jump)
+
     def _verify(self, pkg: Path, staging: Optional[Path] = None) -> Any:
-        from prune_pack.agent.package import verify_package
+        from prune_pack.agent.verifier import verify_package
 
         return verify_package(pkg, trusted_keys=self.agent.trusted_keys, revoked_keys=self.agent.revoked_keys,
-                              max_bytes=int(self.agent.max_package_mb * MiB), allow_unsigned=self.agent.allow_unsigned,
+                              max_bytes=int(self.agent.max_package_mb * MiB), allow_unsigned=False,
                               staging_root=staging or self.store.staging_dir)
 
-    def _fetched(self, args: dict) -> "_Fetched":
-        return _Fetched(self, args)
-
-
-class _Fetched:
-    """Context manager: the package of a command as a local file (temp files removed after)."""
-
-    def __init__(self, daemon: Daemon, args: dict) -> None:
-        self.d, self.args, self.tmp = daemon, args, None
-
-    def __enter__(self) -> Path:
-        a, agent = self.args, self.d.agent
-        if "package_b64" in a:
-            limit = int(agent.max_inline_mb * MiB)
-            if len(a["package_b64"]) > limit * 4 // 3 + 4:
-                raise CommandError("too_large", f"inline package over max_inline_mb={agent.max_inline_mb}; send a path or URL")
-            try:
-                data = base64.b64decode(a["package_b64"], validate=True)
-            except (binascii.Error, ValueError):
-                raise CommandError("bad_request", "package_b64 is not valid base64") from None
-            self.tmp = self.d.store.new_staging("incoming")
-            p = self.tmp / "package.ppk"
-            p.write_bytes(data)
-            return p
-        if "path" in a:
-            return Path(a["path"])
-        url = a["url"]
-        u = urllib.parse.urlparse(url)
-        if u.scheme == "file":
-            return Path(urllib.parse.unquote(u.path))
-        if u.scheme not in ("http", "https"):
-            raise CommandError("bad_request", f"url scheme must be file, http or https, got {u.scheme!r}")
-        limit = int(agent.max_package_mb * MiB)
-        self.tmp = self.d.store.new_staging("incoming")
-        p = self.tmp / "package.ppk"
-        try:
-            with urllib.request.urlopen(url, timeout=60) as r, open(p, "wb") as f:  # noqa: S310 - scheme checked
-                n = 0
-                for chunk in iter(lambda: r.read(1 << 20), b""):
-                    n += len(chunk)
-                    if n > limit:
-                        raise CommandError("too_large", f"download over max_package_mb={agent.max_package_mb}")
-                    f.write(chunk)
-        except OSError as e:
-            raise CommandError("fetch_failed", f"{url}: {e}") from None
-        return p
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.tmp is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
+    def _fetched(self, args: dict) -> Fetched:
+        return Fetched(self.agent, self.store.new_staging, args)
 
 
 def _parse(payload: bytes) -> dict:

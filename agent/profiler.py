@@ -27,8 +27,9 @@ import numpy as np
 import psutil
 
 from prune_pack.agent import backends as be
-from prune_pack.agent.package import sha256_file
-from prune_pack.errors import PrunePackError, UserInputError
+from prune_pack.agent.manifest import sha256_file
+from prune_pack.agent.keys import host_trusted_keys, unsigned_on_host
+from prune_pack.errors import PackageRejected, PrunePackError, UserInputError
 
 QUANTILES = {"p50": 0.50, "p90": 0.90, "p95": 0.95, "p99": 0.99}
 CI_LEVEL = 0.95
@@ -223,7 +224,8 @@ def image_inputs(folder: str | Path, shape: Sequence[int], dtype: str = "float32
 
 @contextlib.contextmanager
 def open_model(model: str | Path, trusted_keys: Iterable[str | Path] = (), revoked_keys: Iterable[str | Path] = (),
-               allow_unsigned: bool = False, max_bytes: Optional[int] = None) -> Iterator[tuple[Path, dict[str, Any]]]:
+               allow_unsigned: bool = False, max_bytes: Optional[int] = None,
+               require_package: bool = False) -> Iterator[tuple[Path, dict[str, Any]]]:
     """Yield ``(onnx_path, facts)`` for an .onnx file or a .ppk package.
 
     A package is verified (hashes, signature) into a private staging folder, profiled from there,
@@ -233,10 +235,10 @@ def open_model(model: str | Path, trusted_keys: Iterable[str | Path] = (), revok
     if not p.is_file():
         raise UserInputError(f"model not found: {p}")
     suffix = p.suffix.lower()
-    if suffix != ".ppk" and (suffix == ".onnx" or not zipfile.is_zipfile(p)):
+    if not require_package and suffix != ".ppk" and (suffix == ".onnx" or not zipfile.is_zipfile(p)):
         yield p, {"source": "onnx"}
         return
-    from prune_pack.agent.package import verify_package
+    from prune_pack.agent.verifier import verify_package
 
     staging = Path(tempfile.mkdtemp(prefix="prune-pack-profile-"))
     try:
@@ -361,7 +363,7 @@ def profile_model(model: str | Path, threads: int = 2, warmup: int = 10, runs: i
                   backend: str = "ort", precision: Optional[str] = None, images: Optional[str | Path] = None,
                   trusted_keys: Iterable[str | Path] = (), allow_unsigned: bool = False,
                   cache_dir: Optional[str | Path] = None, revoked_keys: Iterable[str | Path] = (),
-                  max_bytes: Optional[int] = None) -> dict[str, Any]:
+                  max_bytes: Optional[int] = None, require_package: bool = False) -> dict[str, Any]:
     """Profile an .onnx file or a .ppk package on one backend and precision (None = the file's own).
 
     ``backend`` may be ``auto`` (OpenVINO when installed, else ORT), or ``all`` / a comma-separated
@@ -375,10 +377,10 @@ def profile_model(model: str | Path, threads: int = 2, warmup: int = 10, runs: i
         return profile_all(model, backends=backends, precisions=precisions or None, threads=threads, warmup=warmup,
                            runs=runs, seconds=seconds, images=images, trusted_keys=trusted_keys,
                            allow_unsigned=allow_unsigned, cache_dir=cache_dir, revoked_keys=revoked_keys,
-                           max_bytes=max_bytes)
+                           max_bytes=max_bytes, require_package=require_package)
     _check_counts(threads, warmup, runs, seconds)
     name = be.resolve_backend(backends[0], precisions[0] if precisions else None)
-    with open_model(model, trusted_keys, revoked_keys, allow_unsigned, max_bytes) as (onnx_path, facts):
+    with open_model(model, trusted_keys, revoked_keys, allow_unsigned, max_bytes, require_package) as (onnx_path, facts):
         sha = sha256_file(onnx_path)
         out = _profile_path(onnx_path, sha, name, precisions[0] if precisions else None, threads, warmup, runs,
                             seconds, images, cache_dir)
@@ -393,7 +395,7 @@ def _mark_validated(result: dict[str, Any], facts: dict[str, Any]) -> None:
     manifest = facts.get("manifest")
     if manifest is None:
         return
-    from prune_pack.agent.package import check_validated
+    from prune_pack.agent.manifest import check_validated
 
     try:
         check_validated(manifest, result["backend"], result["precision"])
@@ -410,7 +412,7 @@ def profile_all(model: str | Path, backends: Optional[Sequence[str]] = None, pre
                 threads: int = 2, warmup: int = 10, runs: int = 100, seconds: Optional[float] = None,
                 images: Optional[str | Path] = None, trusted_keys: Iterable[str | Path] = (), allow_unsigned: bool = False,
                 cache_dir: Optional[str | Path] = None, revoked_keys: Iterable[str | Path] = (),
-                max_bytes: Optional[int] = None) -> dict[str, Any]:
+                max_bytes: Optional[int] = None, require_package: bool = False) -> dict[str, Any]:
     """Every requested (backend, precision) that this file, this CPU and this install can run, one after another.
 
     ``backends`` None or ["all"] = every installed backend; ``precisions`` None = all the file can
@@ -428,7 +430,7 @@ def profile_all(model: str | Path, backends: Optional[Sequence[str]] = None, pre
     req_p = [be.normalize_precision(p) for p in _as_list(precisions)]
     results: list[dict[str, Any]] = []
     skipped: list[dict[str, str]] = []
-    with open_model(model, trusted_keys, revoked_keys, allow_unsigned, max_bytes) as (onnx_path, facts):
+    with open_model(model, trusted_keys, revoked_keys, allow_unsigned, max_bytes, require_package) as (onnx_path, facts):
         sha = sha256_file(onnx_path)
         file_prec = be.model_precision(onnx_path)
         for b in names:
@@ -515,9 +517,12 @@ def cli_profile(args: argparse.Namespace, cfg: Any) -> dict[str, Any]:
     """``prune-pack profile``: flags override the config's ``profile`` section, which overrides defaults."""
     kw = profile_kwargs(cfg, threads=args.threads, warmup=args.warmup, runs=args.runs, seconds=args.seconds,
                         backend=args.backend, precision=args.precision, images=args.images)
-    kw["trusted_keys"] = kw["trusted_keys"] + list(args.pubkey or [])
+    kw["trusted_keys"] = host_trusted_keys(kw["trusted_keys"], args.pubkey or [])
     kw["allow_unsigned"] = bool(kw["allow_unsigned"] or getattr(args, "allow_unsigned", False))
-    result = profile_model(args.model, **kw)
+    try:
+        result = profile_model(args.model, **kw)
+    except PackageRejected as e:
+        raise unsigned_on_host(e, "profile") from None
     if not getattr(args, "latencies", False):
         result.pop("latencies_ms", None)
         for r in result.get("results", []):

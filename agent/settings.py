@@ -90,6 +90,7 @@ class StreamSection:
     retry_max_s: float = 30.0  # ... up to here
     policy: Literal["latest", "block"] = "latest"  # full queue: drop the oldest frame, or (files) make the reader wait
     max_age_ms: Optional[float] = None  # frames older than this when a worker takes them are dropped as stale
+    harvest: bool = False  # keep sample frames of this stream for recovery on the host (privacy: off by default)
 
 
 @dataclass
@@ -100,6 +101,30 @@ class AgentSection:
     revoked_keys: list[str] = field(default_factory=list)  # wins over trusted_keys
     max_package_mb: float = 512.0  # packages or members over this are rejected
     max_inline_mb: float = 16.0  # base64 packages inside an MQTT command
-    max_payload_kb: float = 32768.0  # any larger command payload is refused
-    allow_unsigned: bool = False  # development only: accept packages without a signature
+    max_payload_kb: float = 22528.0  # any larger command payload is refused (16 MiB inline as base64 + 1 MiB)
+    allow_unsigned: bool = False  # host CLI only (profile/verify); the agent daemon always refuses unsigned packages
+    fetch_allowed_hosts: list[str] = field(default_factory=list)  # url deploys: host or host:port; none by default
+    fetch_timeout_s: float = 300.0  # one deadline for a whole download
+    command_keys: list[str] = field(default_factory=list)  # Ed25519 public keys (PEM) allowed to sign commands
+    allow_unsigned_commands: bool = False  # test benches only: accept deploy/activate/rollback/profile-of-a-file unsigned
+    min_free_mb: float = 64.0  # less free space in state_dir marks the agent degraded in telemetry
+    max_version_jump: int = 1000  # a package more versions than this above the highest installed is refused
     watchdog: bool = True  # send systemd WATCHDOG=1 from the working loop when NOTIFY_SOCKET is set
+
+
+@dataclass
+class HarvestSection:
+    """The on-device pool of harvested frames (agent.harvest); streams opt in with ``harvest: true``."""
+
+    dir: Optional[str] = None  # pool folder; None = {agent.state_dir}/harvest
+    interval_s: float = 5.0  # per stream: at most one candidate frame every this many seconds
+    max_frames: int = 2000  # pool quota (count); the least useful frame is evicted first
+    max_mb: float = 512.0  # pool quota (JPEG + sidecar bytes)
+    min_free_mb: float = 1024.0  # free-disk floor: below it harvesting pauses
+    dedup_fraction: float = 0.01  # near-duplicate: under this share of 32x32 thumbnail cells changed (measured: noise 0, a moved person >= 0.015)
+    uncertain_below: float = 0.5  # a detection under this confidence makes a frame's sidecar say why: "uncertain"
+    jpeg_quality: int = 90
+    queue: int = 4  # frames waiting for the writer thread; more are dropped (counted), inference never waits
+    retry_s: float = 30.0  # a paused pool (full/read-only disk) retries after this long
+    chunk_kb: int = 128  # frames-read answers carry at most this much of a file
+    pull_kbps: float = 1024.0  # frames-read answers at most this many KiB/s (telemetry and commands come first)

@@ -205,7 +205,7 @@ class StreamManager:
 
     def __init__(self, streams: list[StreamSection], inference: InferenceSection, session_factory: SessionFactory,
                  names: Optional[dict[int, str]] = None, on_detections: Optional[DetectionsCallback] = None,
-                 model_path: Optional[Path] = None) -> None:
+                 model_path: Optional[Path] = None, harvester: Any = None) -> None:
         if len({s.name for s in streams}) != len(streams):
             raise UserInputError("stream names must be unique")
         self.inference = inference
@@ -225,6 +225,7 @@ class StreamManager:
         self._cpu_pct: Optional[float] = None
         self._model_path = Path(model_path) if model_path else None
         self._names = names
+        self.harvester = harvester  # agent.harvest.Harvester: offered every inferred frame of a stream with harvest on
 
     # ---------------------------------------------------------------- model
 
@@ -490,6 +491,8 @@ class StreamManager:
                 with self._lock:
                     st.output_errors += 1
                 log.warning("stream %s: output failed: %s", st.name, e)
+            if self.harvester is not None and st.cfg.harvest:
+                self.harvester.offer(st.name, frame.img, frame.wall, det)  # never blocks, never raises
 
     def _finish(self, st: _Stream, drop: Optional[str], error: Optional[str] = None, latency_ms: float = 0.0,
                 age_ms: float = 0.0) -> None:

@@ -28,12 +28,14 @@ HANDLERS: dict[str, tuple[str, str, bool]] = {
     "finetune": ("prune_pack.pruning.finetune", "cli_finetune", True),
     "val": ("prune_pack.pruning.finetune", "cli_val", True),
     "export": ("prune_pack.deploy.export", "cli_export", True),
-    "verify": ("prune_pack.agent.package", "cli_verify", False),
-    "keys init": ("prune_pack.agent.package", "cli_keys_init", False),
+    "verify": ("prune_pack.agent.verifier", "cli_verify", False),
+    "keys init": ("prune_pack.agent.keys", "cli_keys_init", False),
     "profile": ("prune_pack.agent.profiler", "cli_profile", False),
     "deploy": ("prune_pack.deploy.remote", "cli_deploy", False),
     "devices": ("prune_pack.deploy.remote", "cli_devices", False),
     "agent run": ("prune_pack.agent.daemon", "cli_agent_run", False),
+    "frames pull": ("prune_pack.deploy.frames", "cli_frames_pull", False),
+    "frames stats": ("prune_pack.deploy.frames", "cli_frames_stats", False),
     "config check": ("prune_pack.cli", "cli_config_check", False),
 }
 
@@ -170,6 +172,23 @@ def build_parser() -> argparse.ArgumentParser:
     ar = asub.add_parser("run", parents=[_common(json_flag=False, config=False)], help="run the daemon")
     ar.add_argument("--config", metavar="FILE", required=True)
 
+    fr = sub.add_parser("frames", help="frames harvested on devices (streams[].harvest), for recovery with --unlabeled")
+    fsub = fr.add_subparsers(dest="frames_command", metavar="ACTION", parser_class=_Parser)
+    fp = fsub.add_parser("pull", parents=[common], help="copy a device's harvested frames here over MQTT (resumable)")
+    fp.add_argument("--device", required=True, help="device id (or site/device)")
+    fp.add_argument("--out", metavar="DIR", required=True, help="frames folder (frames already there and verified are skipped)")
+    fp.add_argument("--max", type=int, help="fetch at most this many frames in this run (oldest first)")
+    fp.add_argument("--since", metavar="T", help="only frames kept since T: ISO time (UTC), epoch seconds, or an age like 12h, 7d")
+    fp.add_argument("--broker", metavar="URL", help="MQTT broker URL (overrides the config)")
+    fp.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for each answer")
+    fp.add_argument("--retry-s", type=float, default=120.0, dest="retry_s",
+                    help="keep reconnecting this long after a drop before giving up (a rerun resumes)")
+    fs = fsub.add_parser("stats", parents=[common], help="count the frames in a folder, or in a device's pool")
+    fs.add_argument("dir", metavar="DIR", nargs="?", help="frames folder (pulled or copied by hand)")
+    fs.add_argument("--device", help="device id: its pool's state instead of a folder")
+    fs.add_argument("--broker", metavar="URL", help="MQTT broker URL (overrides the config)")
+    fs.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the device's answer")
+
     c = sub.add_parser("config", help="configuration files")
     csub = c.add_subparsers(dest="config_command", metavar="ACTION", parser_class=_Parser)
     cc = csub.add_parser("check", parents=[_common(config=False)], help="validate a configuration file")
@@ -179,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _command_key(args: argparse.Namespace) -> Optional[str]:
     cmd = args.command
-    if cmd in ("keys", "agent", "config"):
+    if cmd in ("keys", "agent", "config", "frames"):
         action = getattr(args, f"{cmd}_command", None)
         return f"{cmd} {action}" if action else None
     return cmd

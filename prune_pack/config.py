@@ -19,6 +19,7 @@ import yaml
 from prune_pack.agent.settings import (
     AgentSection,
     DeviceSection,
+    HarvestSection,
     InferenceSection,
     MqttSection,
     ProfileSection,
@@ -36,6 +37,7 @@ class Config:
     profile: ProfileSection = field(default_factory=ProfileSection)
     inference: InferenceSection = field(default_factory=InferenceSection)
     streams: list[StreamSection] = field(default_factory=list)
+    harvest: HarvestSection = field(default_factory=HarvestSection)
     prune: PruneSection = field(default_factory=PruneSection)
     finetune: FinetuneSection = field(default_factory=FinetuneSection)
     export: ExportSection = field(default_factory=ExportSection)
