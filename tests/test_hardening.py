@@ -122,7 +122,7 @@ def test_rollback_protection_remembers_across_names_and_restarts(agent, tmp_path
     start(max_version_jump=100)
     assert w.call("deploy", {"path": str(package(tmp_path, 3))})["error"]["reason"] == "older_version"
     # a huge version is refused and does not block the next real one
-    r = w.call("deploy", {"path": str(package(tmp_path, 2**31 - 1))})
+    r = w.call("deploy", {"path": str(package(tmp_path, 2**53 - 1))})
     assert r["error"]["reason"] == "version_jump", r
     assert w.call("deploy", {"path": str(package(tmp_path, 7))})["ok"]
     # activate is checked too: the stored v6 is older than the v7 once installed
