@@ -52,6 +52,14 @@ def telemetry_stream_errors(tel: Optional[dict]) -> int:
     return sum(int(s.get("errors") or 0) for s in _streams(tel) if isinstance(s.get("errors"), (int, float)))
 
 
+def model_key(model: Optional[dict]) -> Optional[str]:
+    """What identifies a package on a device: name, version and model sha256 (two versions of
+    one model can share the ONNX bytes), as the status and telemetry ``model`` objects carry them."""
+    if not isinstance(model, dict) or not model.get("sha256"):
+        return None
+    return f"{model.get('name')}@{model.get('version')}:{model.get('sha256')}"
+
+
 def has_streams(tel: Optional[dict]) -> bool:
     return bool(_streams(tel))
 

@@ -128,12 +128,12 @@ def device_record(state_dir: str | Path) -> list[dict]:
     return [json.loads(x) for x in p.read_text().splitlines()] if p.is_file() else []
 
 
-def active_sha(state_dir: str | Path) -> Optional[str]:
-    """The active model's sha256 as the device's store has it on disk."""
+def active_version(state_dir: str | Path) -> Optional[int]:
+    """The active model's version as the device's store has it on disk."""
     from prune_pack.agent.store import ModelStore
 
     s = ModelStore(state_dir).open()
-    return s.active.sha256 if s.active else None
+    return s.active.version if s.active else None
 
 
 class SimFleet:

@@ -26,7 +26,15 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from prune_pack.agent.settings import merged
-from prune_pack.deploy.fleet import FleetLink, has_streams, online, select, telemetry_p95, telemetry_stream_errors
+from prune_pack.deploy.fleet import (
+    FleetLink,
+    has_streams,
+    model_key,
+    online,
+    select,
+    telemetry_p95,
+    telemetry_stream_errors,
+)
 from prune_pack.deploy.remote import RemoteCommandError, RemoteDevice
 from prune_pack.deploy.rollout_log import (
     FINAL,
@@ -139,6 +147,7 @@ class Rollout:
         self.cfg, self.opts, self.link, self.log = cfg, opts, link, log
         self.package, self.manifest, self.gate_ms = package, manifest, gate_ms
         self.sha = str(manifest.get("sha256"))
+        self.key = str(model_key(manifest))
         self.progress, self.broker = progress, broker
         self.states: dict[str, DeviceState] = {}
         self.waves: list[list[str]] = []
@@ -161,7 +170,7 @@ class Rollout:
         self.canary_n = min(o.canary, len(on))
         self.waves = plan_waves(on, o.canary, parse_amount(o.batch, len(on), "--batch"))
         self.max_failures = parse_amount(o.max_failures, len(on), "--max-failures")
-        froms = {n: ((fleet[n].get("status") or {}).get("model") or {}).get("sha256") for n in on}
+        froms = {n: model_key((fleet[n].get("status") or {}).get("model")) for n in on}
         return {"devices": froms, "offline": off, "waves": self.waves, "canary": self.canary_n,
                 "max_failures": self.max_failures, "selector": selector,
                 "offline_states": {n: (fleet[n].get("status") or {}).get("state", "unknown") for n in off}}
@@ -169,18 +178,19 @@ class Rollout:
     def start(self, plan: dict) -> None:
         self.log.append("start", result="planned", why=f"{len(plan['devices'])} online, {len(plan['offline'])} offline",
                         package={"path": str(self.package.resolve()), "name": self.manifest.get("name"),
-                                 "version": self.manifest.get("version"), "model_sha256": self.sha},
+                                 "version": self.manifest.get("version"), "model_sha256": self.sha,
+                                 "key": self.key},
                         gate_p95_ms=self.gate_ms, soak_s=self.opts.soak_s, **plan)
         for n in plan["offline"]:
             self.log.append("skip", n, "offline", why=f"retained status is {plan['offline_states'][n]}")
-        self.states = device_states(self.log.read(), self.sha)
+        self.states = device_states(self.log.read(), self.key)
         _die_point("after_start")
 
     def load(self, entries: list[dict]) -> None:
         start = next(e for e in entries if e.get("action") == "start")
         self.waves, self.canary_n = start["waves"], start["canary"]
         self.max_failures, self.started_ts_ms = start["max_failures"], start["ts_ms"]
-        self.states = device_states(entries, self.sha)
+        self.states = device_states(entries, self.key)
         for e in entries:
             if e.get("action") == "abort":
                 self.state, self.abort_why = "aborting", e.get("why", "")
@@ -225,8 +235,8 @@ class Rollout:
         return RemoteDevice(self.cfg.mqtt, name, broker=self.broker, max_inline_mb=self.cfg.agent.max_inline_mb,
                             shared=self.link)
 
-    def _status_sha(self, name: str) -> Optional[str]:
-        return ((self.link.status(name) or {}).get("model") or {}).get("sha256")
+    def _status_key(self, name: str) -> Optional[str]:
+        return model_key((self.link.status(name) or {}).get("model"))
 
     def deploy_one(self, name: str) -> None:
         st = self.states[name]
@@ -234,25 +244,25 @@ class Rollout:
         if status.get("state") != "online":
             self._record("skip", name, "offline", f"retained status is {status.get('state', 'unknown')} at its turn")
             return
-        if self._status_sha(name) == self.sha:
+        if self._status_key(name) == self.key:
             # Already running the package: deployed by this rollout before a host crash (the
             # answer never made it into the log), or before the rollout. Never sent twice.
-            why = ("confirmed by the retained status after a host restart" if st.from_sha != self.sha
+            why = ("confirmed by the retained status after a host restart" if st.from_model != self.key
                    else "already active before the rollout")
-            self._record("deploy", name, "ok", why, changed=False, from_sha256=st.from_sha)
+            self._record("deploy", name, "ok", why, changed=False, from_model=st.from_model)
             return
         try:
             with self._remote(name) as dev:
                 res = dev.deploy_package(self.package, timeout=self.opts.deploy_timeout_s)
         except (PackageRejected, RemoteCommandError, DeviceUnavailable) as e:
             reason = getattr(e, "reason", type(e).__name__)
-            updated = self._status_sha(name) == self.sha  # no answer, yet it switched
-            self._record("deploy", name, "failed", f"{reason}: {e}", updated=updated, from_sha256=st.from_sha)
+            updated = self._status_key(name) == self.key  # no answer, yet it switched
+            self._record("deploy", name, "failed", f"{reason}: {e}", updated=updated, from_model=st.from_model)
             return
         _die_point("after_deploy")
         prof = (res.get("profile") or {}).get("p95_ms")
         self._record("deploy", name, "ok", "answered ok", changed=res.get("changed", True),
-                     from_sha256=st.from_sha, profile_p95_ms=prof)
+                     from_model=st.from_model, profile_p95_ms=prof)
 
     def soak_and_gate(self, names: list[str]) -> None:
         for n in names:
@@ -263,7 +273,7 @@ class Rollout:
             time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
             self.check_abort_request()
         for n in names:
-            tels = [t for t in self.link.watched(n) if ((t.get("model") or {}).get("sha256")) == self.sha]
+            tels = [t for t in self.link.watched(n) if model_key(t.get("model")) == self.key]
             self.link.unwatch(n)
             ok, p95, why = self.gate(n, tels)
             self._record("gate", n, "pass" if ok else "fail", why, p95_ms=p95, samples=len(tels),
@@ -274,7 +284,7 @@ class Rollout:
         status = self.link.status(name) or {}
         if status.get("state") != "online":
             return False, None, f"went {status.get('state')} during the soak"
-        if self._status_sha(name) != self.sha:
+        if self._status_key(name) != self.key:
             return False, None, "the retained status no longer names the package's model"
         if tels and has_streams(tels[-1]):
             vals = [v for v in (telemetry_p95(t) for t in tels) if v is not None]
@@ -297,11 +307,11 @@ class Rollout:
     def rollback_one(self, name: str) -> None:
         st = self.states[name]
         _die_point("before_rollback")
-        target = st.from_sha
-        if self._status_sha(name) != self.sha:
+        target = st.from_model
+        if self._status_key(name) != self.key:
             # It already runs something else (rolled back before a host crash, or by an operator).
-            self._record("rollback", name, "ok" if self._status_sha(name) == target else "failed",
-                         "the retained status already shows " + str(self._status_sha(name))[:12])
+            self._record("rollback", name, "ok" if self._status_key(name) == target else "failed",
+                         f"the retained status already shows {self._status_key(name)}")
             return
         try:
             with self._remote(name) as dev:
@@ -309,12 +319,12 @@ class Rollout:
         except PrunePackError as e:
             self._record("rollback", name, "failed", str(e))
             return
-        confirmed = self.link.wait_until(lambda: ((((self.link.devices.get(name) or {}).get("status") or {})
-                                                   .get("model") or {}).get("sha256")) == target,
+        confirmed = self.link.wait_until(lambda: model_key(((self.link.devices.get(name) or {}).get("status") or {})
+                                                             .get("model")) == target,
                                          self.opts.rollback_timeout_s)
         self._record("rollback", name, "ok" if confirmed else "failed",
                      "confirmed by the retained status" if confirmed else
-                     f"the retained status does not show {str(target)[:12]} after {self.opts.rollback_timeout_s:g} s")
+                     f"the retained status does not show {target} after {self.opts.rollback_timeout_s:g} s")
 
     def rollback_all(self) -> None:
         names = sorted(n for n, s in self.states.items() if s.updated)
@@ -357,7 +367,7 @@ class Rollout:
     def _record(self, action: str, name: str, result: str, why: str, **fields: Any) -> None:
         e = self.log.append(action, name, result, why, **fields)
         with self._lock:
-            apply_entry(self.states[name], e, self.sha)
+            apply_entry(self.states[name], e, self.key)
 
     # ---------------------------------------------------------------- reporting
     def publish_state(self) -> None:
@@ -529,8 +539,7 @@ def rollout_status(args: Any, cfg: Any) -> dict:
         if log.path.is_file():
             entries = read_log(log.path)
             start = next((e for e in entries if e.get("action") == "start"), {})
-            sha = (start.get("package") or {}).get("model_sha256", "")
-            states = device_states(entries, sha)
+            states = device_states(entries, (start.get("package") or {}).get("key", ""))
             phase = rollout_phase(entries)
             c = counts(states)
             lines = [f"rollout {args.rid}: {phase}; passed {c['passed']}, failed {c['failures']}, "

@@ -106,7 +106,7 @@ def list_logs(state_dir: str | Path) -> list[Path]:
 
 @dataclasses.dataclass
 class DeviceState:
-    from_sha: Optional[str] = None  # the active model sha256 when the rollout planned this device
+    from_model: Optional[str] = None  # the active model (fleet.model_key) when the rollout planned this device
     phase: str = "pending"  # pending, deployed, then one of FINAL
     updated: bool = False  # this rollout changed the active model (and has not rolled it back)
     failed: bool = False  # counts against max_failures
@@ -122,7 +122,7 @@ def device_states(entries: Iterable[dict], package_sha: str) -> dict[str, Device
         dev = e.get("device")
         if e.get("action") == "start":
             for name, sha in (e.get("devices") or {}).items():
-                states[name] = DeviceState(from_sha=sha)
+                states[name] = DeviceState(from_model=sha)
             for name in e.get("offline") or []:
                 states[name] = DeviceState(phase="skipped", why="offline when the rollout started")
             continue
@@ -138,7 +138,7 @@ def apply_entry(s: DeviceState, e: dict, package_sha: str) -> None:
     if a == "skip":
         s.phase = "skipped"
     elif a == "deploy" and res == "ok":
-        s.phase, s.updated = "deployed", s.from_sha != package_sha
+        s.phase, s.updated = "deployed", s.from_model != package_sha
         s.profile_p95_ms = e.get("profile_p95_ms")
     elif a == "deploy":
         s.phase, s.failed = "failed", True
