@@ -27,7 +27,7 @@ import numpy as np
 import psutil
 
 from prune_pack.agent import backends as be
-from prune_pack.agent.package import sha256_file
+from prune_pack.agent.manifest import sha256_file
 from prune_pack.errors import PrunePackError, UserInputError
 
 QUANTILES = {"p50": 0.50, "p90": 0.90, "p95": 0.95, "p99": 0.99}
@@ -236,7 +236,7 @@ def open_model(model: str | Path, trusted_keys: Iterable[str | Path] = (), revok
     if suffix != ".ppk" and (suffix == ".onnx" or not zipfile.is_zipfile(p)):
         yield p, {"source": "onnx"}
         return
-    from prune_pack.agent.package import verify_package
+    from prune_pack.agent.verifier import verify_package
 
     staging = Path(tempfile.mkdtemp(prefix="prune-pack-profile-"))
     try:
@@ -393,7 +393,7 @@ def _mark_validated(result: dict[str, Any], facts: dict[str, Any]) -> None:
     manifest = facts.get("manifest")
     if manifest is None:
         return
-    from prune_pack.agent.package import check_validated
+    from prune_pack.agent.manifest import check_validated
 
     try:
         check_validated(manifest, result["backend"], result["precision"])

@@ -50,7 +50,8 @@ def start_broker(tmp: Path) -> tuple[subprocess.Popen, int]:
 
 def seed_store(state: Path, onnx: Path, name: str) -> None:
     """Put a package into the store as a deploy would (verify -> stage -> activate)."""
-    from prune_pack.agent.package import verify_package, write_package
+    from prune_pack.agent.verifier import verify_package
+    from prune_pack.agent.writer import write_package
     from prune_pack.agent.store import ModelStore
 
     pkg = write_package(onnx, {"name": name, "precision": "int8" if "int8" in onnx.name else "fp32", "version": 1},

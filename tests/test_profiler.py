@@ -215,9 +215,9 @@ def test_profile_openvino(tiny, tmp_path):
 
 @pytest.fixture
 def package(tiny, tmp_path):
-    pkg = pytest.importorskip("prune_pack.agent.package")
-    priv, pub = pkg.generate_keypair(tmp_path / "keys")
-    out = pkg.write_package(tiny, {"name": "tiny", "version": 1, "precision": "fp32"}, tmp_path / "tiny.ppk",
+    from prune_pack.agent import keys, writer
+    priv, pub = keys.generate_keypair(tmp_path / "keys")
+    out = writer.write_package(tiny, {"name": "tiny", "version": 1, "precision": "fp32"}, tmp_path / "tiny.ppk",
                             signing_key=priv, registry=tmp_path / "reg")
     return out, pub
 
@@ -235,8 +235,8 @@ def test_profile_package_from_a_verified_copy(package, tiny, tmp_path, monkeypat
 
 def test_profile_package_rejects_an_untrusted_one(package, tmp_path):
     path, _ = package
-    pkg = pytest.importorskip("prune_pack.agent.package")
-    _, other = pkg.generate_keypair(tmp_path / "other")
+    from prune_pack.agent import keys, writer
+    _, other = keys.generate_keypair(tmp_path / "other")
     with pytest.raises(PackageRejected):
         pf.profile_model(path, threads=1, warmup=0, runs=2, trusted_keys=[other])
 
