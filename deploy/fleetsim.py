@@ -3,7 +3,8 @@
 Each simulated device is ``agent.daemon.Daemon`` itself (its MQTT link, Last Will, outbox,
 command parsing and lanes, package verification, model store, status and telemetry code) with
 only inference stubbed: ``SimDaemon`` overrides the three methods that touch a runtime (``_load``,
-``_profile``, ``_start_streams``) and reports the latency of its simulated PC model instead.
+``_profile``, ``_start_streams``) and reports the latency of its simulated PC model instead
+(``_answer`` is wrapped only to count the deploy/rollback requests a device receives).
 Telemetry is sent by one thread per process for all its devices (the daemon's own working loop
 would cost a thread each, and adds only the systemd watchdog).
 
@@ -32,7 +33,7 @@ from prune_pack.agent.settings import (
     StreamSection,
 )
 
-DEPLOYS = "sim-deploys.jsonl"  # per device: one line per deploy/rollback command it handled
+DEPLOYS = "sim-deploys.jsonl"  # per device: one line per deploy/rollback request it received
 
 
 @dataclasses.dataclass
@@ -100,30 +101,17 @@ class SimDaemon(Daemon):
     def _start_streams(self) -> None:
         self.streams = _StubStreams(self)
 
-    def _record(self, cmd: str, result: Optional[dict]) -> None:
-        line = {"ts_ms": int(time.time() * 1000), "cmd": cmd, "ok": result is not None,
-                "changed": (result or {}).get("changed", True) if result is not None else None,
-                "active": ((result or {}).get("active") or {}).get("sha256")}
-        with self._record_lock, open(self.state_dir / DEPLOYS, "a") as f:
-            f.write(json.dumps(line) + "\n")
-
-    def cmd_deploy(self, args: dict) -> dict:
-        try:
-            res = super().cmd_deploy(args)
-        except Exception:
-            self._record("deploy", None)
-            raise
-        self._record("deploy", res)
-        return res
-
-    def cmd_rollback(self, args: dict) -> dict:
-        res = super().cmd_rollback(args)
-        self._record("rollback", res)
-        return res
+    def _answer(self, name: str, payload: Optional[bytes], error: Any) -> None:
+        """Every command reaches the daemon's own dispatch; deploy and rollback requests are also
+        written to ``sim-deploys.jsonl`` first, so a test can prove none was sent twice."""
+        if name in ("deploy", "rollback") and error is None:
+            with self._record_lock, open(self.state_dir / DEPLOYS, "a") as f:
+                f.write(json.dumps({"ts_ms": int(time.time() * 1000), "cmd": name}) + "\n")
+        super()._answer(name, payload, error)
 
 
 def device_record(state_dir: str | Path) -> list[dict]:
-    """The deploy/rollback commands a simulated device handled (from its state dir)."""
+    """The deploy/rollback requests a simulated device received (from its state dir)."""
     p = Path(state_dir) / DEPLOYS
     return [json.loads(x) for x in p.read_text().splitlines()] if p.is_file() else []
 
