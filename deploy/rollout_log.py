@@ -134,7 +134,10 @@ def device_states(entries: Iterable[dict], package_sha: str) -> dict[str, Device
 def apply_entry(s: DeviceState, e: dict, package_sha: str) -> None:
     """One device line of the log applied to that device's state (replay and live use this)."""
     a, res = e.get("action"), e.get("result")
-    s.why = e.get("why") or s.why
+    if a == "rollback":  # keep why it failed, add how the rollback went
+        s.why = (f"{s.why}; " if s.why else "") + f"rollback: {e.get('why', '')}"
+    else:
+        s.why = e.get("why") or s.why
     if a == "skip":
         s.phase = "skipped"
     elif a == "deploy" and res == "ok":

@@ -19,7 +19,8 @@ from prune_pack.cli import main
 from prune_pack.deploy.fleetsim import PcModel, SimFleet, active_version, device_record
 from prune_pack.deploy.rollout_log import read_log
 
-PCS = {"fast": PcModel("fast", 20.0), "slow": PcModel("slow", 60.0), "nostream": PcModel("nostream", 25.0, streams=0)}
+PCS = {"fast": PcModel("fast", 20.0), "slow": PcModel("slow", 60.0), "nostream": PcModel("nostream", 25.0, streams=0),
+       "crashy": PcModel("crashy", 20.0, stream_errors=True)}
 
 
 class Env:
@@ -164,3 +165,31 @@ def test_resume_after_sigkill_mid_batch_never_deploys_twice(env_factory, capsys)
     assert [e["action"] for e in log][-1] == "finish" and any(e["action"] == "resume" for e in log)
     rc, again = env.cli("rollout", "resume", rid, capsys=capsys)
     assert rc == 2  # finished: nothing to resume
+
+
+def test_stream_errors_fail_the_gate(env_factory, capsys):
+    env = env_factory([("f1", "crashy"), ("f2", "fast")])
+    rc, res = env.cli("rollout", str(env.v2), "--devices", "lab/*", "--gate", "p95<=40", capsys=capsys)
+    assert rc == 9 and res["devices"]["lab/f1"]["result"] == "rolled_back"
+    assert "new stream error" in res["devices"]["lab/f1"]["why"] and "rollback: confirmed" in res["devices"]["lab/f1"]["why"]
+    gate = next(e for e in env.log() if e["action"] == "gate")
+    assert gate["result"] == "fail" and "new stream error" in gate["why"] and gate["p95_ms"] == 20.0
+    assert env.cmds("f2") == [] and active_version(env.sdir("f1")) == 1
+
+
+def test_abort_with_no_process_running_rolls_back_from_the_log(env_factory, capsys):
+    env = env_factory([("e1", "fast"), ("e2", "fast"), ("e3", "fast")])
+    cmd = [sys.executable, "-m", "prune_pack.cli", "rollout", str(env.v2), "--devices", "e*", "--canary", "1",
+           "--gate", "p95<=40", "--config", str(env.config)]
+    p = subprocess.run(cmd, env={**os.environ, "PRUNE_PACK_ROLLOUT_DIE_AT": "after_wave:1"}, capture_output=True,
+                       text=True, timeout=120)
+    assert p.returncode == -9, p.stderr[-2000:]
+    rid = env.log()[0]["rollout"]
+    assert active_version(env.sdir("e1")) == 2  # the canary passed before the host died
+    rc, res = env.cli("rollout", "abort", rid, capsys=capsys)
+    assert rc == 9 and res["state"] == "aborted" and res["why"] == "abort requested"
+    assert env.cmds("e1") == ["deploy", "rollback"] and active_version(env.sdir("e1")) == 1
+    assert env.cmds("e2") == env.cmds("e3") == []
+    assert [e["action"] for e in env.log()][-3:] == ["abort", "rollback", "finish"]
+    rc, st = env.cli("rollout", "status", capsys=capsys)
+    assert st["rollouts"] == {rid: "aborted"}
