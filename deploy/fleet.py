@@ -16,7 +16,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Optional
 
 from prune_pack.agent.settings import MqttSection
 from prune_pack.errors import DeviceUnavailable, UserInputError
@@ -244,6 +244,10 @@ class FleetLink:
         with self.cond:
             return (self.devices.get(name) or {}).get("status")
 
+    def telemetry(self, name: str) -> Optional[dict]:
+        with self.cond:
+            return (self.devices.get(name) or {}).get("telemetry")
+
     def watch(self, name: str) -> None:
         """Start collecting this device's telemetry (for a soak)."""
         with self.cond:
@@ -286,7 +290,3 @@ class FleetLink:
 
 def online(entry: dict) -> bool:
     return (entry.get("status") or {}).get("state") == "online"
-
-
-def names_in(devices: Iterable[str]) -> list[str]:
-    return sorted(set(devices))

@@ -286,7 +286,10 @@ class Rollout:
             return False, None, f"went {status.get('state')} during the soak"
         if self._status_key(name) != self.key:
             return False, None, "the retained status no longer names the package's model"
-        if tels and has_streams(tels[-1]):
+        last = tels[-1] if tels else self.link.telemetry(name)
+        if has_streams(last):
+            if not tels:
+                return False, None, "no telemetry for the new model during the soak (soak shorter than the telemetry interval?)"
             vals = [v for v in (telemetry_p95(t) for t in tels) if v is not None]
             if not vals:
                 return False, None, "streams report no latency during the soak"
