@@ -26,7 +26,9 @@ from pathlib import Path
 from typing import Any, Optional
 
 from prune_pack import __version__
+from prune_pack.agent.cmdauth import CommandAuth, NonceStore
 from prune_pack.agent.commands import (
+    COMMON_FIELDS,
     FAST,
     PROFILE_ARGS,
     SLOW,
@@ -41,6 +43,7 @@ from prune_pack.agent.commands import (
     lookup,
 )
 from prune_pack.agent.fetch import Fetched
+from prune_pack.agent.fsutil import disk_full
 from prune_pack.agent.mqtt import SCHEMA_DETECTIONS, SCHEMA_RESULT, SCHEMA_TELEMETRY, MqttLink
 from prune_pack.agent.settings import (
     AgentSection,
@@ -104,6 +107,14 @@ def _crash_point(name: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+def machine_id() -> Optional[str]:
+    """systemd's /etc/machine-id (what a manifest's ``machine_ids`` binds to), if readable."""
+    try:
+        return Path("/etc/machine-id").read_text().strip()[:32] or None
+    except OSError:
+        return None
+
+
 def _names(manifest: dict) -> dict[int, str]:
     raw = manifest.get("names", manifest.get("classes"))
     if isinstance(raw, list):
@@ -150,6 +161,7 @@ class Daemon:
         self.ready = threading.Event()
         self.unanswered = 0  # commands dropped because the fast queue was full
         self._proc: Any = None
+        self.auth: Optional[CommandAuth] = None
 
     @classmethod
     def from_config(cls, cfg: Any) -> "Daemon":
@@ -158,11 +170,17 @@ class Daemon:
     # ------------------------------------------------------------ lifecycle
     def start(self) -> None:
         load_all()
+        if self.agent.allow_unsigned:
+            log.warning("agent.allow_unsigned is a host setting (prune-pack profile/verify); the daemon refuses unsigned packages")
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.store.open()
         for note in self.store.recovered:
             log.warning("store recovery: %s", note)
         # Credentials and broker URL are checked before the (possibly slow) model load.
+        self.auth = CommandAuth(self.agent.command_keys, self.agent.revoked_keys, self.device.id, self.device.site,
+                                NonceStore(self.state_dir / "nonces.json"), self.agent.allow_unsigned_commands)
+        if self.agent.allow_unsigned_commands:
+            log.warning("agent.allow_unsigned_commands: anyone who can publish to cmd/ can deploy and run code")
         self.link = MqttLink(self.device, self.mqtt, self.state_dir, self._enqueue, self._status_fields)
         self._load_initial()
         for name, q in (("cmd-fast", self._fast), ("cmd-slow", self._slow)):
@@ -378,18 +396,25 @@ class Daemon:
             request_id = _request_id(payload)
         if error is None:
             try:
-                args = _parse(payload or b"")
-                request_id = args.pop("request_id")
+                request = _parse(payload or b"")
+                request_id = request["request_id"]
                 spec = lookup(name)
+                args = {k: v for k, v in request.items() if k not in COMMON_FIELDS}
                 spec.check(args)
+                if spec.needs_signature(args):
+                    self._authorize(name, request, args)
                 result = spec.handler(self, args)
             except ReasonedError as e:  # CommandError, PackageRejected, StoreError: their own reason
                 error = e if isinstance(e, CommandError) else CommandError(e.reason, e.detail)
             except PrunePackError as e:
                 error = CommandError("failed", str(e))
             except Exception as e:  # noqa: BLE001 - answered, logged, the daemon lives on
-                log.exception("command %s crashed", name)
-                error = CommandError("internal", f"{type(e).__name__}: {e}")
+                if disk_full(e):
+                    error = CommandError("disk_full", f"{type(e).__name__}: {e}")
+                    log.error("command %s: disk full (%s)", name, e)
+                else:
+                    log.exception("command %s crashed", name)
+                    error = CommandError("internal", f"{type(e).__name__}: {e}")
         body: dict[str, Any] = {"request_id": request_id, "cmd": name, "ok": error is None}
         if error is None:
             body["result"] = result
@@ -399,6 +424,15 @@ class Daemon:
         link = self.link
         if link is not None:
             link.send(link.topics.result(name), link.envelope(SCHEMA_RESULT, **body), qos=1)
+
+    def _authorize(self, name: str, request: dict, args: dict) -> None:
+        """Signed commands (agent.cmdauth): refused unless signed by a command key for this device;
+        ``force`` (a downgrade, an unvalidated backend) always needs a signature."""
+        kid = self.auth.check(name, request) if self.auth is not None else None
+        if kid is None and args.get("force"):
+            raise CommandError("unsigned_command", "force needs a signed request")
+        if kid is not None:
+            log.info("command %s signed by %s", name, kid)
 
     @command("ping", FAST)
     def cmd_ping(self, args: dict) -> dict:
@@ -433,6 +467,7 @@ class Daemon:
 
         with self._model_lock:
             m = self.store.find(args["model"])
+            self._check_policy(m.manifest, args.get("force", False))
             precision = check_validated(m.manifest, self.inference.backend, self.inference.precision, args.get("force", False))
             session, precision = self._load(m, precision)
             self.store.activate(m.id)
@@ -442,7 +477,7 @@ class Daemon:
     @command("deploy", SLOW, signed=True, args={**SOURCE_ARGS, "force": Arg("boolean")}, one_of=SOURCES,
              one_required=True)
     def cmd_deploy(self, args: dict) -> dict:
-        from prune_pack.agent.manifest import check_newer, check_validated
+        from prune_pack.agent.manifest import check_validated
 
         force = args.get("force", False)
         with self._model_lock, self._fetched(args) as pkg:
@@ -450,8 +485,7 @@ class Daemon:
             try:
                 _crash_point("verified")
                 precision = check_validated(vp.manifest, self.inference.backend, self.inference.precision, force)
-                active = self.store.active
-                check_newer(vp.manifest, active.manifest if active else None, force)  # replay/downgrade guard
+                self._check_policy(vp.manifest, force)
                 m = self.store.stage(vp.dir, crash_hook=_crash_point)
             except BaseException:
                 vp.discard()
@@ -508,8 +542,9 @@ class Daemon:
         kw: dict[str, Any] = dict(threads=opts.threads, warmup=opts.warmup, runs=opts.runs, seconds=opts.seconds,
                                   backend=opts.backend, precision=opts.precision, cache_dir=self.cache_dir)
         if package:
+            # The daemon never runs an unsigned package, whatever agent.allow_unsigned says (a host setting).
             kw.update(trusted_keys=self.agent.trusted_keys, revoked_keys=self.agent.revoked_keys,
-                      allow_unsigned=self.agent.allow_unsigned, max_bytes=int(self.agent.max_package_mb * MiB))
+                      allow_unsigned=False, max_bytes=int(self.agent.max_package_mb * MiB))
         try:
             return profile_model(model, **kw)
         except ReasonedError:  # PackageRejected keeps its reason
@@ -517,11 +552,18 @@ class Daemon:
         except PrunePackError as e:
             raise CommandError("profile_failed", str(e)) from None
 
+    def _check_policy(self, manifest: dict, force: bool) -> None:
+        """Expiry, device binding, and the version memory (replay/downgrade/jump guard)."""
+        from prune_pack.agent.manifest import check_binding, check_newer
+
+        check_binding(manifest, self.device.id, self.device.site, machine_id(), time.time())
+        check_newer(manifest, self.store.highest(str(manifest.get("name"))), force, self.agent.max_version_jump)
+
     def _verify(self, pkg: Path, staging: Optional[Path] = None) -> Any:
         from prune_pack.agent.verifier import verify_package
 
         return verify_package(pkg, trusted_keys=self.agent.trusted_keys, revoked_keys=self.agent.revoked_keys,
-                              max_bytes=int(self.agent.max_package_mb * MiB), allow_unsigned=self.agent.allow_unsigned,
+                              max_bytes=int(self.agent.max_package_mb * MiB), allow_unsigned=False,
                               staging_root=staging or self.store.staging_dir)
 
     def _fetched(self, args: dict) -> Fetched:

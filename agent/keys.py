@@ -45,6 +45,25 @@ def default_pub_path() -> Path:
     return config_dir() / "signing.pub"
 
 
+def host_trusted_keys(configured: Iterable[KeyLike] = (), passed: Iterable[KeyLike] = ()) -> list[KeyLike]:
+    """What ``prune-pack profile``/``verify`` trust on a host: the configured keys, the keys passed
+    with ``--pubkey``, and the user's own signing key (``default_pub_path()``) when it exists, so a
+    package this user built verifies without flags. The agent daemon never calls this."""
+    keys: list[KeyLike] = [*configured, *passed]
+    own = default_pub_path()
+    if own.is_file():
+        keys.append(own)
+    return keys
+
+
+def unsigned_on_host(e: PackageRejected, what: str) -> PackageRejected:
+    """The host's one-line answer to an unsigned package: name the flag that accepts it."""
+    if e.reason != "unsigned":
+        return e
+    return PackageRejected("unsigned", f"the package has no signature; pass --allow-unsigned to {what} it on this host "
+                                       "(a device never runs an unsigned package)")
+
+
 def _write_no_clobber(path: Path, data: bytes, mode: int, force: bool) -> None:
     """Write ``data`` to ``path`` atomically with ``mode`` from creation on (never briefly wider).
 

@@ -7,6 +7,9 @@ Layout under ``state_dir``::
                         here by an atomic rename from staging/, so it is never half-written
     staging/            work area (same filesystem, so renames are atomic); cleaned on open
     current.json        {"active": id|null, "previous": id|null}, replaced atomically
+    versions.json       {name: {"version": v, "sha256": s}}: the highest version of each model
+                        name ever activated here (rollback protection that survives deploys of
+                        other names and restarts); only ever raised
 
 ``<id>`` is the first 20 hex digits of the sha256 of the package's exact ``manifest.json``
 bytes (the manifest holds the model's sha256, so the id names the whole content).
@@ -28,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from prune_pack.agent.fsutil import atomic_write, fsync_dir
+from prune_pack.agent.fsutil import atomic_write, fsync_dir, move_aside
 from prune_pack.agent.manifest import sha256_file
 from prune_pack.errors import ReasonedError
 
@@ -82,6 +85,8 @@ class ModelStore:
         self.models_dir = self.root / "models"
         self.staging_dir = self.root / "staging"
         self.current_path = self.root / "current.json"
+        self.versions_path = self.root / "versions.json"
+        self._versions: dict[str, dict[str, Any]] = {}
         self._active: Optional[str] = None
         self._previous: Optional[str] = None
         self.recovered: list[str] = []  # what open() had to repair, for the logs and status
@@ -108,6 +113,7 @@ class ModelStore:
         if (active, previous) != self._read_current():
             self._write_current(active, previous)
         self._active, self._previous = active, previous
+        self._load_versions()
         for d in self.models_dir.iterdir():  # a removal that was interrupted half-way
             if d.name not in (active, previous) and not (d / INDEX).is_file():
                 shutil.rmtree(d, ignore_errors=True)
@@ -125,6 +131,40 @@ class ModelStore:
         except (OSError, ValueError, AttributeError) as e:  # cannot happen with atomic writes; be safe
             log.error("unreadable %s (%s): starting without an active model", self.current_path, e)
             return None, None
+
+    def _load_versions(self) -> None:
+        try:
+            data = json.loads(self.versions_path.read_text())
+            if not isinstance(data, dict) or not all(isinstance(v, dict) and isinstance(v.get("version"), int)
+                                                     for v in data.values()):
+                raise ValueError("expected {name: {version, sha256}}")
+            self._versions = data
+        except FileNotFoundError:
+            self._versions = {}
+        except (OSError, ValueError) as e:
+            moved = move_aside(self.versions_path)
+            self.recovered.append(f"unreadable versions.json ({e}) moved to {moved}; rebuilt from the stored models")
+            self._versions = {}
+        # Older state dirs (and a rebuilt file) learn from what is installed; never lowered.
+        for mid in (self._active, self._previous):
+            if mid:
+                self.remember(self.get(mid).manifest)
+
+    def highest(self, name: str) -> Optional[dict[str, Any]]:
+        """The highest version of ``name`` ever activated here: ``{name, version, sha256}`` or None."""
+        rec = self._versions.get(name)
+        return {"name": name, **rec} if rec else None
+
+    def remember(self, manifest: dict[str, Any]) -> None:
+        """Raise the remembered version of the manifest's name (persisted before the switch)."""
+        name, version = manifest.get("name"), manifest.get("version")
+        if not isinstance(name, str) or not isinstance(version, int):
+            return
+        cur = self._versions.get(name)
+        if cur is not None and cur["version"] >= version:
+            return
+        self._versions[name] = {"version": version, "sha256": manifest.get("sha256")}
+        atomic_write(self.versions_path, json.dumps(self._versions, sort_keys=True).encode())
 
     def _write_current(self, active: Optional[str], previous: Optional[str]) -> None:
         atomic_write(self.current_path, json.dumps({"active": active, "previous": previous}).encode())
@@ -236,6 +276,7 @@ class ModelStore:
         if model_id == self._active:
             return m
         previous = self._active
+        self.remember(m.manifest)
         if crash_hook:
             crash_hook("before_switch")
         self._write_current(model_id, previous)

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence, Union
 
 from prune_pack.agent.fsutil import fsync_dir, write_new
-from prune_pack.agent.keys import KeyLike, check_signature
+from prune_pack.agent.keys import KeyLike, check_signature, host_trusted_keys, unsigned_on_host
 from prune_pack.agent.manifest import (
     _CHUNK,
     BOMB_MIN_BYTES,
@@ -240,11 +240,15 @@ def verify_package(
 def cli_verify(args: Any, cfg: Any) -> dict:
     """``prune-pack verify PACKAGE [--pubkey FILE ...] [--allow-unsigned]``: exit 0 only when valid."""
     agent = getattr(cfg, "agent", None)
-    trusted = list(getattr(args, "pubkey", None) or (agent.trusted_keys if agent else []))
+    passed = list(getattr(args, "pubkey", None) or [])
+    trusted = host_trusted_keys([] if passed else (agent.trusted_keys if agent else []), passed)
     revoked = list(agent.revoked_keys) if agent else []
     max_bytes = int((agent.max_package_mb if agent else DEFAULT_MAX_BYTES / MiB) * MiB)
     allow_unsigned = bool(getattr(args, "allow_unsigned", False) or (agent.allow_unsigned if agent else False))
-    pkg = verify_package(args.package, trusted, revoked, max_bytes=max_bytes, allow_unsigned=allow_unsigned)
+    try:
+        pkg = verify_package(args.package, trusted, revoked, max_bytes=max_bytes, allow_unsigned=allow_unsigned)
+    except PackageRejected as e:
+        raise unsigned_on_host(e, "verify") from None
     pkg.discard()  # verification only: nothing is kept
     m = pkg.manifest
     signed = f"signed by {pkg.key_id}" if pkg.signed else "UNSIGNED"
