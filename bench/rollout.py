@@ -84,7 +84,7 @@ class SysCounters:
         return dict(self.values)
 
 
-def make_packages(tmp: Path) -> tuple[Path, Path, Path]:
+def make_packages(tmp: Path) -> tuple[Path, Path, Path, Path]:
     from prune_pack.agent.package import generate_keypair, write_package
 
     spec = importlib.util.spec_from_file_location("make_tiny_onnx", REPO / "tests" / "data" / "make_tiny_onnx.py")
@@ -98,7 +98,7 @@ def make_packages(tmp: Path) -> tuple[Path, Path, Path]:
     v1 = write_package(onnx_path, {"name": "line-detector", "precision": "fp32", "version": 1}, tmp / "v1.ppk", priv)
     v2 = write_package(onnx_path, {"name": "line-detector", "precision": "fp32", "version": 2,
                                    "metrics": {"target_ms": 40.0}}, tmp / "v2.ppk", priv)
-    return v1, v2, pub
+    return v1, v2, priv, pub
 
 
 def fleet_spec(n: int) -> tuple[list[tuple[str, str, str]], list[str]]:
@@ -136,17 +136,17 @@ def main() -> None:
     broker, port = start_broker(tmp)
     procs: list[subprocess.Popen] = []
     try:
-        v1, v2, pub = make_packages(tmp)
+        v1, v2, priv, pub = make_packages(tmp)
         (tmp / "device.pw").write_text("device-secret\n")
         (tmp / "host.pw").write_text("host-secret\n")
         devices, offline = fleet_spec(args.devices)
-        env = {**os.environ}
+        env = {**os.environ, "PRUNE_PACK_COMMAND_KEY": str(priv)}  # the host signs commands
         t0 = time.monotonic()
         for k in range(args.procs):
             part = devices[k::args.procs]
             spec = {"root": str(tmp / "fleet"), "broker": f"mqtt://127.0.0.1:{port}", "username": "device",
                     "password_file": str(tmp / "device.pw"), "trusted_keys": [str(pub)], "pcs": PCS,
-                    "devices": part, "telemetry_interval_s": args.telemetry, "seed": str(v1),
+                    "devices": part, "telemetry_interval_s": args.telemetry, "seed": str(v1), "command_keys": [str(pub)],
                     "offline": [f"{s}/{d}" for s, d, _ in part if f"{s}/{d}" in offline]}
             (tmp / f"fleet{k}.json").write_text(json.dumps(spec))
             procs.append(subprocess.Popen([sys.executable, "-m", "prune_pack.deploy.fleetsim", str(tmp / f"fleet{k}.json")],

@@ -129,14 +129,15 @@ class SimFleet:
 
     def __init__(self, root: str | Path, broker: str, username: str, password_file: str, trusted_keys: list[str],
                  pcs: dict[str, PcModel], devices: list[tuple[str, str, str]], telemetry_interval_s: float = 1.0,
-                 keepalive_s: int = 30) -> None:
+                 keepalive_s: int = 30, command_keys: Optional[list[str]] = None) -> None:
         self.root = Path(root)
         self.pcs, self.spec = pcs, devices
         self.interval = telemetry_interval_s
         self.mqtt = MqttSection(broker=broker, username=username, password_file=password_file, keepalive_s=keepalive_s,
                                 reconnect_min_s=1.0, reconnect_max_s=5.0)
+        # command_keys: the public keys whose signed deploy/rollback requests the agents accept
         self.agent = AgentSection(trusted_keys=list(trusted_keys), telemetry_interval_s=telemetry_interval_s,
-                                  watchdog=False, state_dir="")
+                                  watchdog=False, state_dir="", command_keys=list(command_keys or []))
         self.daemons: dict[str, SimDaemon] = {}
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
@@ -206,7 +207,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     spec = json.loads(Path((argv or sys.argv[1:])[0]).read_text())
     pcs = {k: PcModel(name=k, **v) for k, v in spec["pcs"].items()}
     fleet = SimFleet(spec["root"], spec["broker"], spec["username"], spec["password_file"], spec["trusted_keys"],
-                     pcs, [tuple(d) for d in spec["devices"]], spec.get("telemetry_interval_s", 1.0))
+                     pcs, [tuple(d) for d in spec["devices"]], spec.get("telemetry_interval_s", 1.0),
+                     command_keys=spec.get("command_keys"))
     if spec.get("seed"):
         fleet.seed(spec["seed"])
     stop = threading.Event()

@@ -27,11 +27,13 @@ class Env:
     def __init__(self, broker, tmp: Path, devices: list[tuple[str, str]], offline: tuple[str, ...] = ()) -> None:
         self.tmp = tmp
         priv, pub = keys(tmp)
+        os.environ["PRUNE_PACK_COMMAND_KEY"] = str(priv)  # the host signs deploy/rollback (monkeypatched)
         self.v1, self.v2 = package(tmp, 1), package(tmp, 2)
         (tmp / "device.pw").write_text("device-secret\n")
         (tmp / "host.pw").write_text("host-secret\n")
         self.fleet = SimFleet(tmp / "fleet", broker.url, "device", str(tmp / "device.pw"), [str(pub)], PCS,
-                              [("lab", d, pc) for d, pc in devices], telemetry_interval_s=0.3)
+                              [("lab", d, pc) for d, pc in devices], telemetry_interval_s=0.3,
+                              command_keys=[str(pub)])
         self.fleet.seed(self.v1)
         self.fleet.start()
         self.fleet.wait_online(30)
@@ -64,7 +66,8 @@ class Env:
 
 
 @pytest.fixture
-def env_factory(broker, tmp_path):
+def env_factory(broker, tmp_path, monkeypatch):
+    monkeypatch.setenv("PRUNE_PACK_COMMAND_KEY", "")  # restored after the test; set by Env
     made = []
 
     def make(devices, offline=()):
