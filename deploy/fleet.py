@@ -104,6 +104,18 @@ def select(devices: dict[str, dict], selector: str) -> list[str]:
     return sorted(chosen)
 
 
+def spread(names: list[str]) -> list[str]:
+    """Sites taken in turn (``a/1 b/1 a/2 b/2 ...``): a canary or a batch spans sites rather
+    than filling one line first."""
+    by_site: dict[str, list[str]] = {}
+    for n in sorted(names):
+        by_site.setdefault(n.split("/", 1)[0], []).append(n)
+    out, queues = [], list(by_site.values())
+    for i in range(max((len(q) for q in queues), default=0)):
+        out += [q[i] for q in queues if i < len(q)]
+    return out
+
+
 def _glob(devices: dict[str, dict], pattern: str) -> set[str]:
     if "/" in pattern:
         return {n for n in devices if fnmatch.fnmatchcase(n, pattern)}

@@ -32,6 +32,7 @@ from prune_pack.deploy.fleet import (
     model_key,
     online,
     select,
+    spread,
     telemetry_p95,
     telemetry_stream_errors,
 )
@@ -164,7 +165,7 @@ class Rollout:
         names = select(fleet, selector)
         if not names:
             raise UserInputError(f"no device matches {selector!r} ({len(fleet)} devices known)")
-        on = [n for n in names if online(fleet[n])]
+        on = spread([n for n in names if online(fleet[n])])
         off = [n for n in names if not online(fleet[n])]
         o = self.opts
         self.canary_n = min(o.canary, len(on))
@@ -269,9 +270,13 @@ class Rollout:
             self.link.watch(n)
         self.progress(f"soaking {len(names)} device(s) for {self.opts.soak_s:g} s")
         deadline = time.monotonic() + self.opts.soak_s
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and self.state == "running":
             time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
             self.check_abort_request()
+        if self.state != "running":  # aborted mid-soak: no verdicts, rollback_all takes the updated ones
+            for n in names:
+                self.link.unwatch(n)
+            return
         for n in names:
             tels = [t for t in self.link.watched(n) if model_key(t.get("model")) == self.key]
             self.link.unwatch(n)

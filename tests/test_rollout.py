@@ -196,3 +196,56 @@ def test_abort_with_no_process_running_rolls_back_from_the_log(env_factory, caps
     assert [e["action"] for e in env.log()][-3:] == ["abort", "rollback", "finish"]
     rc, st = env.cli("rollout", "status", capsys=capsys)
     assert st["rollouts"] == {rid: "aborted"}
+
+
+def test_selectors_and_site_spread(tmp_path):
+    from prune_pack.deploy.fleet import select, spread
+    from prune_pack.errors import UserInputError
+
+    def dev(site, d, name, version, state="online"):
+        return {"site": site, "device": d, "status": {"state": state, "agent_version": "0.4",
+                                                      "model": {"name": name, "version": version, "sha256": "ab" * 32}}}
+
+    fleet = {f"{s}/{d}": dev(s, d, n, v, st) for s, d, n, v, st in [
+        ("line1", "ipc-01", "yolo", 3, "online"), ("line1", "ipc-02", "yolo", 4, "online"),
+        ("line2", "ipc-03", "yolo", 3, "lost"), ("line2", "cam-04", "other", 1, "online")]}
+    assert select(fleet, "line1/*") == ["line1/ipc-01", "line1/ipc-02"]
+    assert select(fleet, "ipc-*,model=yolo,version=3") == ["line1/ipc-01", "line2/ipc-03"]
+    assert select(fleet, "state=online,site=line2") == ["line2/cam-04"]
+    (tmp_path / "ids").write_text("# the pilot line\nline2/cam-04\nipc-02\n")
+    assert select(fleet, f"@{tmp_path / 'ids'}") == ["line1/ipc-02", "line2/cam-04"]
+    with pytest.raises(UserInputError):
+        select(fleet, "colour=red")
+    with pytest.raises(UserInputError):
+        select(fleet, f"@{tmp_path / 'missing'}")
+    assert spread(["a/1", "a/2", "a/3", "b/1", "c/1"]) == ["a/1", "b/1", "c/1", "a/2", "a/3"]
+
+
+def test_abort_requested_while_running_stops_and_rolls_back(env_factory, capsys):
+    import time
+
+    env = env_factory([("g1", "fast"), ("g2", "fast"), ("g3", "fast")])
+    cmd = [sys.executable, "-m", "prune_pack.cli", "rollout", str(env.v2), "--devices", "g*", "--canary", "1",
+           "--soak", "30", "--gate", "p95<=40", "--config", str(env.config)]
+    p = subprocess.Popen(cmd, env=dict(os.environ), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not (env.state.is_dir() and list(env.state.glob("*.jsonl"))
+                   and any(e["action"] == "deploy" for e in env.log())):  # the canary is soaking now
+            assert time.monotonic() < deadline and p.poll() is None, p.stderr.read() if p.poll() is not None else ""
+            time.sleep(0.1)
+        rid = env.log()[0]["rollout"]
+        rc, res = env.cli("rollout", "abort", rid, capsys=capsys)  # the running process does the work
+        assert res["requested"] and res["state"] == "aborted"
+        out, err = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 9, err[-2000:]
+    assert "aborted (abort requested)" in out  # the summary table
+    assert env.cmds("g1") == ["deploy", "rollback"] and active_version(env.sdir("g1")) == 1
+    assert env.cmds("g2") == env.cmds("g3") == []
+    log = env.log()
+    assert [e["action"] for e in log] == ["start", "deploy", "abort", "rollback", "finish"]  # no verdict mid-soak
+    assert next(e for e in log if e["action"] == "abort")["why"] == "abort requested"
+    assert "rollout: " in err  # progress on stderr
