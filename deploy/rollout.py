@@ -150,6 +150,7 @@ class Rollout:
         self.sha = str(manifest.get("sha256"))
         self.key = str(model_key(manifest))
         self.progress, self.broker = progress, broker
+        self.package_url: Optional[str] = None  # where devices fetch the package (else it goes inline)
         self.states: dict[str, DeviceState] = {}
         self.waves: list[list[str]] = []
         self.canary_n = 0
@@ -180,7 +181,7 @@ class Rollout:
         self.log.append("start", result="planned", why=f"{len(plan['devices'])} online, {len(plan['offline'])} offline",
                         package={"path": str(self.package.resolve()), "name": self.manifest.get("name"),
                                  "version": self.manifest.get("version"), "model_sha256": self.sha,
-                                 "key": self.key},
+                                 "key": self.key, "url": self.package_url},
                         gate_p95_ms=self.gate_ms, soak_s=self.opts.soak_s, **plan)
         for n in plan["offline"]:
             self.log.append("skip", n, "offline", why=f"retained status is {plan['offline_states'][n]}")
@@ -254,7 +255,7 @@ class Rollout:
             return
         try:
             with self._remote(name) as dev:
-                res = dev.deploy_package(self.package, timeout=self.opts.deploy_timeout_s)
+                res = dev.deploy_package(self.package_url or self.package, timeout=self.opts.deploy_timeout_s)
         except (PackageRejected, RemoteCommandError, DeviceUnavailable) as e:
             reason = getattr(e, "reason", type(e).__name__)
             updated = self._status_key(name) == self.key  # no answer, yet it switched
@@ -456,6 +457,7 @@ def rollout_new(args: Any, cfg: Any) -> dict:
     with FleetLink(cfg.mqtt, broker=args.broker).connect(wait_s=args.wait) as link:
         log = AuditLog(opts.state_dir, rid, pkg_sha)
         engine = Rollout(cfg, opts, link, log, package, manifest, gate, progress, broker=args.broker)
+        engine.package_url = getattr(args, "package_url", None)
         plan = engine.plan(args.devices)
         if args.dry_run:
             waves = plan["waves"]
@@ -490,6 +492,7 @@ def _engine_from_log(cfg: Any, opts: RolloutSection, link: FleetLink, log: Audit
     opts = merged(opts, soak_s=start.get("soak_s"))
     engine = Rollout(cfg, opts, link, log, package, manifest, float(start["gate_p95_ms"]), Progress(), broker=broker)
     engine.load(entries)
+    engine.package_url = start["package"].get("url")
     return engine
 
 

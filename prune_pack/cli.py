@@ -173,6 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     ro.add_argument("--gate", metavar="p95<=MS", help="live latency gate (default: the package's target)")
     ro.add_argument("--soak", type=float, metavar="S", help="seconds each updated device must stay within the gate (default 60)")
     ro.add_argument("--parallel", type=int, help="devices updated at once (default 16)")
+    ro.add_argument("--package-url", dest="package_url", metavar="URL", help="devices fetch the package from this http(s):// or file:// URL (the same file as PACKAGE) instead of receiving it inline")
     ro.add_argument("--dry-run", dest="dry_run", action="store_true", help="show the waves and the offline devices; touch nothing")
     ro.add_argument("--broker", metavar="URL", help="MQTT broker URL (overrides the config)")
     ro.add_argument("--wait", type=float, default=3.0, help="at most this many seconds to collect the retained statuses")

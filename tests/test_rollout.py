@@ -117,6 +117,9 @@ def test_threshold_abort_rolls_back_exactly_the_updated_devices(env_factory, cap
     assert by["lab/a2"]["rollout"].endswith(":rolled_back") and by["lab/a2"]["p95_ms"] == 60.0
     assert by["lab/a7"]["state"] == "offline" and by["lab/a1"]["model"]["version"] == 1
     assert by["lab/a1"]["target_ms"] == 40.0
+    assert main(["devices", "--config", str(env.config)]) == 0  # the human table
+    table = capsys.readouterr().out
+    assert "P95/TARGET MS" in table and "60.0/40" in table and ":rolled_back" in table
 
 
 def test_dry_run_touches_nothing(env_factory, capsys):
@@ -183,12 +186,13 @@ def test_stream_errors_fail_the_gate(env_factory, capsys):
 def test_abort_with_no_process_running_rolls_back_from_the_log(env_factory, capsys):
     env = env_factory([("e1", "fast"), ("e2", "fast"), ("e3", "fast")])
     cmd = [sys.executable, "-m", "prune_pack.cli", "rollout", str(env.v2), "--devices", "e*", "--canary", "1",
-           "--gate", "p95<=40", "--config", str(env.config)]
+           "--gate", "p95<=40", "--package-url", env.v2.resolve().as_uri(), "--config", str(env.config)]
     p = subprocess.run(cmd, env={**os.environ, "PRUNE_PACK_ROLLOUT_DIE_AT": "after_wave:1"}, capture_output=True,
                        text=True, timeout=120)
     assert p.returncode == -9, p.stderr[-2000:]
     rid = env.log()[0]["rollout"]
-    assert active_version(env.sdir("e1")) == 2  # the canary passed before the host died
+    assert active_version(env.sdir("e1")) == 2  # the canary (fetched by URL) passed before the host died
+    assert env.log()[0]["package"]["url"].startswith("file://")
     rc, res = env.cli("rollout", "abort", rid, capsys=capsys)
     assert rc == 9 and res["state"] == "aborted" and res["why"] == "abort requested"
     assert env.cmds("e1") == ["deploy", "rollback"] and active_version(env.sdir("e1")) == 1
