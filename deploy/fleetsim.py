@@ -73,7 +73,9 @@ class _StubStreams:
         if self.d.pc.stream_errors:
             self.errors += 1
         up = round(time.monotonic() - self.started, 1)
-        streams = {f"cam{i}": {"state": "running", "reason": None, "source": "sim", "frames_processed": int(up * 10),
+        n = int(up * 10)  # frames at a simulated 10 fps
+        streams = {f"cam{i}": {"state": "running", "reason": None, "source": "sim", "frames_read": n,
+                               "frames_processed": n, "frames_dropped": 0,
                                "latency_ms": {"p50": round(ms * 0.9, 2), "p95": round(ms, 2), "p99": round(ms * 1.1, 2)},
                                "errors": self.errors, "last_error": "sim" if self.errors else None}
                    for i in range(self.d.pc.streams)}
