@@ -156,7 +156,7 @@ class Watcher:
              device: str = f"{SITE}/{DEV}") -> dict:
         """Send a request and wait for its answer. Signed (agent.cmdauth) with the test command key
         (``COMMAND_KEY``, set by ``agent_config``) unless ``sign`` is False."""
-        rid = f"r{time.monotonic_ns()}"
+        rid = (body or {}).get("request_id") or f"r{time.monotonic_ns()}"
         start = self.mark()
         req = {"request_id": rid, **(body or {})}
         if sign is None:
