@@ -88,7 +88,7 @@ class RemoteDevice:
     """One device's agent, reached through the broker."""
 
     def __init__(self, mqtt: MqttSection, device_id: str, site: str = "default", broker: Optional[str] = None,
-                 max_inline_mb: float = 16.0, command_key: Any = None) -> None:
+                 max_inline_mb: float = 16.0, command_key: Any = None, shared: Any = None) -> None:
         if "/" in device_id:  # "site/device" is accepted everywhere a device id is
             site, device_id = device_id.split("/", 1)
         self.mqtt = dataclasses.replace(mqtt, broker=broker or mqtt.broker)
@@ -100,6 +100,7 @@ class RemoteDevice:
         self._cond = threading.Condition()
         self._answers: dict[str, dict] = {}
         self.client: Any = None
+        self.shared = shared  # a deploy.fleet.FleetLink: one connection for many devices (rollout)
 
     @property
     def name(self) -> str:
@@ -116,6 +117,10 @@ class RemoteDevice:
     def connect(self) -> None:
         if self.client is not None:
             return
+        if self.shared is not None:  # already subscribed to every device's status and answers
+            self.client = self.shared.client
+            self.shared.attach(self)
+            return
         client = _connect(self.mqtt, f"prune-pack-host-{uuid.uuid4().hex[:10]}")
         client.on_message = self._on_message
         subscribed = threading.Event()
@@ -128,7 +133,10 @@ class RemoteDevice:
         self.client = client
 
     def close(self) -> None:
-        if self.client is not None:
+        if self.shared is not None:
+            self.shared.detach(self)
+            self.client = None
+        elif self.client is not None:
             self.client.disconnect()
             self.client.loop_stop()
             self.client = None
@@ -289,14 +297,47 @@ def cli_deploy(args: Any, cfg: Any) -> dict:
                        + (f", p50 {p50:.2f} ms" if isinstance(p50, (int, float)) else "")}
 
 
+def _device_rollouts(rollouts: dict[str, dict]) -> dict[str, str]:
+    """device -> "ID:result" of the newest rollout (retained state) that includes it."""
+    out: dict[str, tuple[int, str]] = {}
+    for rid, r in rollouts.items():
+        ts = int(r.get("started_ts_ms") or 0)
+        for dev, phase in (r.get("devices") or {}).items():
+            if dev not in out or ts > out[dev][0]:
+                out[dev] = (ts, f"{rid}:{phase}" + ("*" if r.get("state") in ("running", "aborting") else ""))
+    return {d: v for d, (_, v) in out.items()}
+
+
 def cli_devices(args: Any, cfg: Any) -> dict:
-    devices = fleet(cfg.mqtt, wait_s=args.wait, broker=args.broker)
-    lines = [f"{'DEVICE':<28} {'STATE':<8} {'MODEL':<32} {'SINCE':<21} LAST TELEMETRY"]
+    """Per device: state, model, live p95 vs the gate of its rollout, last seen, rollout. One
+    connection; returns as soon as the retained burst is over (``--wait`` is the upper bound)."""
+    from prune_pack.deploy.fleet import FleetLink, telemetry_p95
+
+    with FleetLink(cfg.mqtt, broker=args.broker, results=False).connect(wait_s=args.wait) as link:
+        snap, rollouts = link.snapshot(), dict(link.rollouts)
+    in_rollout = _device_rollouts(rollouts)
+    gates = {rid: r.get("gate_p95_ms") for rid, r in rollouts.items()}
+    devices = []
+    for name, e in sorted(snap.items()):
+        st, tel = e.get("status") or {}, e.get("telemetry")
+        model = st.get("model") or (tel or {}).get("model")
+        ro = in_rollout.get(name)
+        devices.append({
+            "site": e["site"], "device": e["device"], "state": st.get("state", "unknown"), "since_ts_ms": st.get("ts_ms"),
+            "session": st.get("session"), "agent_version": st.get("agent_version"), "model": model,
+            "last_seen_ts_ms": e.get("seen_ms"), "last_telemetry_ts_ms": (tel or {}).get("ts_ms"),
+            "p95_ms": telemetry_p95(tel), "target_ms": gates.get(ro.split(":")[0]) if ro else None,
+            "cpu_percent": (tel or {}).get("cpu_percent"), "rss_mb": (tel or {}).get("rss_mb"),
+            "queue": (tel or {}).get("queue"), "rollout": ro,
+        })
+    lines = [f"{'DEVICE':<28} {'STATE':<8} {'MODEL':<30} {'SHA256':<12} {'P95/TARGET MS':<14} {'LAST SEEN':<21} ROLLOUT"]
     for d in devices:
         m = d["model"] or {}
         model = f"{m.get('name')} v{m.get('version')} {m.get('precision')}" if m else "-"
-        lines.append(f"{d['site'] + '/' + d['device']:<28} {d['state']:<8} {model:<32} {_fmt_ts(d['since_ts_ms']):<21} "
-                     f"{_fmt_ts(d['last_telemetry_ts_ms']) if d['last_telemetry_ts_ms'] else '-'}")
+        p95 = f"{d['p95_ms']:.1f}" if d["p95_ms"] is not None else "-"
+        tgt = f"{d['target_ms']:g}" if isinstance(d["target_ms"], (int, float)) else "-"
+        lines.append(f"{d['site'] + '/' + d['device']:<28} {d['state']:<8} {model:<30} {str(m.get('sha256') or '-')[:12]:<12} "
+                     f"{p95 + '/' + tgt:<14} {_fmt_ts(d['last_seen_ts_ms']):<21} {d['rollout'] or '-'}")
     if not devices:
         lines = [f"no devices under {cfg.mqtt.prefix}/ on {redact(args.broker or cfg.mqtt.broker)}"]
     return {"devices": devices, "summary": "\n".join(lines)}

@@ -103,3 +103,16 @@ class BuildSection:
     device: str = "local"  # local, or a device id reached over MQTT (mqtt section)
     profile_timeout_s: float = 300.0  # remote profile answer timeout
     out: str = "build"
+
+
+@dataclass
+class RolloutSection:
+    canary: int = 1  # devices updated and gated first; any canary failure stops the rollout
+    batch: str = "10%"  # devices per batch after the canary: a count or a share of the selected devices
+    max_failures: str = "0"  # failures (count or share) tolerated before the rollout stops and rolls back
+    gate_p95_ms: Optional[float] = None  # live p95 limit; None = the package's own target (manifest)
+    soak_s: float = 60.0  # how long an updated device must stay within the gate
+    parallel: int = 16  # devices updated at once within a batch
+    deploy_timeout_s: float = 120.0  # a device's deploy answer
+    rollback_timeout_s: float = 60.0  # a device's rollback answer and the retained status confirming it
+    state_dir: str = "~/.local/state/prune-pack/rollouts"  # append-only audit logs (one JSONL file per rollout)

@@ -33,6 +33,7 @@ HANDLERS: dict[str, tuple[str, str, bool]] = {
     "profile": ("prune_pack.agent.profiler", "cli_profile", False),
     "deploy": ("prune_pack.deploy.remote", "cli_deploy", False),
     "devices": ("prune_pack.deploy.remote", "cli_devices", False),
+    "rollout": ("prune_pack.deploy.rollout", "cli_rollout", False),
     "agent run": ("prune_pack.agent.daemon", "cli_agent_run", False),
     "frames pull": ("prune_pack.deploy.frames", "cli_frames_pull", False),
     "frames stats": ("prune_pack.deploy.frames", "cli_frames_stats", False),
@@ -166,6 +167,22 @@ def build_parser() -> argparse.ArgumentParser:
     dv = sub.add_parser("devices", parents=[common], help="the fleet as the retained status topics show it")
     dv.add_argument("--broker", metavar="URL", help="MQTT broker URL (overrides the config)")
     dv.add_argument("--wait", type=float, default=2.0, help="seconds to collect retained messages")
+
+    ro = sub.add_parser("rollout", parents=[common], help="roll a package out to many devices: canary, batches, latency gate, rollback",
+                        description="prune-pack rollout PACKAGE --devices SELECTOR | status [ID] | abort ID | resume ID")
+    ro.add_argument("what", metavar="PACKAGE|status|abort|resume")
+    ro.add_argument("rid", nargs="?", metavar="ID", help="rollout id (status, abort, resume)")
+    ro.add_argument("--devices", metavar="SELECTOR", help="comma-separated: globs on site/id or id (line1/*), @FILE of ids, KEY=GLOB filters (model, version, sha256, agent, site, state)")
+    ro.add_argument("--canary", type=int, help="devices updated and gated first (default 1)")
+    ro.add_argument("--batch", metavar="N|P%", help="devices per batch after the canary (default 10%%)")
+    ro.add_argument("--max-failures", dest="max_failures", metavar="N|P%", help="failures tolerated before stopping and rolling back (default 0)")
+    ro.add_argument("--gate", metavar="p95<=MS", help="live latency gate (default: the package's target)")
+    ro.add_argument("--soak", type=float, metavar="S", help="seconds each updated device must stay within the gate (default 60)")
+    ro.add_argument("--parallel", type=int, help="devices updated at once (default 16)")
+    ro.add_argument("--package-url", dest="package_url", metavar="URL", help="devices fetch the package from this http(s):// or file:// URL (the same file as PACKAGE) instead of receiving it inline")
+    ro.add_argument("--dry-run", dest="dry_run", action="store_true", help="show the waves and the offline devices; touch nothing")
+    ro.add_argument("--broker", metavar="URL", help="MQTT broker URL (overrides the config)")
+    ro.add_argument("--wait", type=float, default=3.0, help="at most this many seconds to collect the retained statuses")
 
     a = sub.add_parser("agent", help="the device daemon")
     asub = a.add_subparsers(dest="agent_command", metavar="ACTION", parser_class=_Parser)

@@ -25,7 +25,7 @@ from prune_pack.agent.settings import (
     ProfileSection,
     StreamSection,
 )
-from prune_pack.deploy.settings import BuildSection, ExportSection, FinetuneSection, PruneSection
+from prune_pack.deploy.settings import BuildSection, ExportSection, FinetuneSection, PruneSection, RolloutSection
 from prune_pack.errors import ConfigError
 
 
@@ -42,6 +42,7 @@ class Config:
     finetune: FinetuneSection = field(default_factory=FinetuneSection)
     export: ExportSection = field(default_factory=ExportSection)
     build: BuildSection = field(default_factory=BuildSection)
+    rollout: RolloutSection = field(default_factory=RolloutSection)
     origin: Optional[str] = field(default=None, metadata={"internal": True})  # the file it came from
 
 
