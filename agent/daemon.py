@@ -132,6 +132,13 @@ def _names(manifest: dict) -> dict[int, str]:
     return {}
 
 
+def _target_ms(manifest: dict) -> Optional[float]:
+    """The package's latency target: ``target: {latency_ms, percentile}`` (written by the build), if any."""
+    t = manifest.get("target")
+    v = t.get("latency_ms") if isinstance(t, dict) else None
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 else None
+
+
 def _temperature_c() -> Optional[float]:
     try:
         import psutil
@@ -332,7 +339,11 @@ class Daemon:
     def _model_info(self, m: Optional[StoredModel]) -> Optional[dict]:
         if m is None:
             return None
-        return {**m.summary(), "backend": self.inference.backend, "precision": self.precision or m.precision}
+        info = {**m.summary(), "backend": self.inference.backend, "precision": self.precision or m.precision}
+        target = _target_ms(m.manifest)
+        if target is not None:  # what dashboards and alerts compare the latency with
+            info["target_ms"] = target
+        return info
 
     # ------------------------------------------------------------ status / telemetry
     def _status_fields(self) -> dict:
@@ -355,7 +366,7 @@ class Daemon:
             "cpu_percent": round(cpu, 1), "system_cpu_percent": round(psutil.cpu_percent(None), 1),
             "rss_mb": round(rss / MiB, 1), "load": [round(x, 2) for x in os.getloadavg()],
             "temperature_c": _temperature_c(), "uptime_s": round(time.time() - self.started, 1),
-            "model": self._model_info(self.store.active), "streams": {},
+            "model": self._model_info(self.store.active), "streams": [],
             "queue": self.link.queue_info() if self.link else {"pending": 0, "dropped": 0},
             "detections_dropped": self.link.detections_dropped if self.link else 0,
         }
@@ -363,8 +374,10 @@ class Daemon:
         if self.streams is not None:
             try:
                 m = self.streams.metrics()
-                body["streams"] = m.get("streams", {})
-                body["inference"] = {k: m.get(k) for k in ("workers", "threads", "backend", "swaps", "uptime_s")}
+                # A list with a ``stream`` field: JSON-to-metrics tools turn fields into labels, not keys.
+                body["streams"] = [{"stream": name, **v} for name, v in m.get("streams", {}).items()]
+                body["inference"] = {k: m.get(k) for k in ("workers", "threads", "backend", "swaps", "uptime_s",
+                                                           "started_ts_ms")}
             except Exception as e:  # noqa: BLE001 - telemetry must go out regardless
                 log.warning("stream metrics: %s", e)
         return body

@@ -38,7 +38,7 @@ from prune_pack.errors import ConfigError
 log = logging.getLogger("prune_pack.agent.mqtt")
 
 SCHEMA_STATUS = "status/1"
-SCHEMA_TELEMETRY = "telemetry/1"
+SCHEMA_TELEMETRY = "telemetry/2"  # 2: streams as a list, histograms and counters (docs/mqtt.md)
 SCHEMA_RESULT = "cmd-result/1"
 SCHEMA_DETECTIONS = "detections/1"
 SCHEMA_REQUEST = "cmd-request/1"  # what hosts send (documented; the device checks fields itself)

@@ -974,7 +974,8 @@ def _final_package(pipe: _Pipeline, c: Candidate, final_pt: Path, name: str) -> 
                            data_yaml=pipe.data_yaml, sign=pipe.key_path, name=name, latency_runs=0,
                            calib_images=pipe.cfg.export.int8_calib_images, max_map_drop=pipe.cfg.export.int8_max_map_drop,
                            val_fn=val_fn, registry=work.dir / "versions.json", int8_engine=pipe.int8_engine(c),
-                           backends=("ort", "openvino") if c.backend == "openvino" or pipe.opts.backend == "auto" else ("ort",))
+                           backends=("ort", "openvino") if c.backend == "openvino" or pipe.opts.backend == "auto" else ("ort",),
+                           target={"latency_ms": pipe.opts.target_ms, "percentile": pipe.opts.percentile})
     r = {k: v for k, v in r.items() if k != "summary"}
     r["source"] = str(final_pt)
     r["after"] = (r.pop("accuracy", None) or {}).get(c.precision if c.precision == "int8" else "fp32")
