@@ -16,9 +16,9 @@ import numpy as np
 
 SAMPLE_WINDOW = 256  # latency / frame-age percentiles over the last N processed frames
 RATE_WINDOW_S = 5.0  # input / processed fps over the last N seconds
-# Fixed for every device and every version of this schema: dense from 1 ms to 100 ms, where CPU
+# Fixed for every device and every version of this schema: 0.5 ms to 2.5 s, dense up to 100 ms where CPU
 # detectors and their targets live. Changing them is a telemetry schema change.
-LATENCY_BUCKETS_S = (0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.025, 0.03, 0.035, 0.04, 0.05,
+LATENCY_BUCKETS_S = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.025, 0.03, 0.035, 0.04, 0.05,
                      0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5)
 
 

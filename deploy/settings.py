@@ -66,3 +66,14 @@ class BuildSection:
     device: str = "local"  # local, or a device id reached over MQTT (mqtt section)
     profile_timeout_s: float = 300.0  # remote profile answer timeout
     out: str = "build"
+
+
+@dataclass
+class ExporterSection:
+    listen: str = "127.0.0.1:9108"  # prune-pack exporter: HOST:PORT of /metrics (9108: free in Prometheus' port list)
+
+
+@dataclass
+class DashboardSection:
+    listen: str = "127.0.0.1:8108"  # prune-pack dashboard: HOST:PORT of the live page
+    history_points: int = 720  # latency points kept per stream for the chart (one per telemetry message)

@@ -34,6 +34,7 @@ HANDLERS: dict[str, tuple[str, str, bool]] = {
     "deploy": ("prune_pack.deploy.remote", "cli_deploy", False),
     "devices": ("prune_pack.deploy.remote", "cli_devices", False),
     "agent run": ("prune_pack.agent.daemon", "cli_agent_run", False),
+    "exporter": ("prune_pack.deploy.exporter", "cli_exporter", False),
     "config check": ("prune_pack.cli", "cli_config_check", False),
 }
 
@@ -160,6 +161,10 @@ def build_parser() -> argparse.ArgumentParser:
     dv = sub.add_parser("devices", parents=[common], help="the fleet as the retained status topics show it")
     dv.add_argument("--broker", metavar="URL", help="MQTT broker URL (overrides the config)")
     dv.add_argument("--wait", type=float, default=2.0, help="seconds to collect retained messages")
+
+    ex = sub.add_parser("exporter", parents=[common], help="one Prometheus /metrics for the fleet, fed by MQTT")
+    ex.add_argument("--broker", metavar="URL", help="MQTT broker URL (overrides the config)")
+    ex.add_argument("--listen", metavar="HOST:PORT", help="where /metrics is served (exporter.listen, default 127.0.0.1:9108)")
 
     a = sub.add_parser("agent", help="the device daemon")
     asub = a.add_subparsers(dest="agent_command", metavar="ACTION", parser_class=_Parser)

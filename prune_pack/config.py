@@ -25,6 +25,7 @@ from prune_pack.agent.settings import (
     StreamSection,
 )
 from prune_pack.deploy.settings import BuildSection, ExportSection, FinetuneSection, PruneSection
+from prune_pack.deploy.settings import DashboardSection, ExporterSection
 from prune_pack.errors import ConfigError
 
 
@@ -40,6 +41,8 @@ class Config:
     finetune: FinetuneSection = field(default_factory=FinetuneSection)
     export: ExportSection = field(default_factory=ExportSection)
     build: BuildSection = field(default_factory=BuildSection)
+    exporter: ExporterSection = field(default_factory=ExporterSection)
+    dashboard: DashboardSection = field(default_factory=DashboardSection)
     origin: Optional[str] = field(default=None, metadata={"internal": True})  # the file it came from
 
 
