@@ -13,24 +13,34 @@ failure at any step answers with a reason and leaves the active model running.
 
 from __future__ import annotations
 
-import base64
-import binascii
-import inspect
+import dataclasses
 import json
 import logging
 import os
 import queue
-import shutil
 import signal
 import socket
 import threading
 import time
-import urllib.parse
-import urllib.request
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 from prune_pack import __version__
+from prune_pack.agent.commands import (
+    FAST,
+    PROFILE_ARGS,
+    SLOW,
+    SOURCE_ARGS,
+    SOURCES,
+    Arg,
+    CommandError,
+    command,
+    given_source,
+    lane_of,
+    load_all,
+    lookup,
+)
+from prune_pack.agent.fetch import Fetched
 from prune_pack.agent.mqtt import SCHEMA_DETECTIONS, SCHEMA_RESULT, SCHEMA_TELEMETRY, MqttLink
 from prune_pack.agent.settings import (
     AgentSection,
@@ -39,38 +49,17 @@ from prune_pack.agent.settings import (
     MqttSection,
     ProfileSection,
     StreamSection,
+    merged,
 )
 from prune_pack.agent.store import ModelStore, StoredModel, StoreError
-from prune_pack.errors import PackageRejected, PrunePackError, ReasonedError
+from prune_pack.errors import PrunePackError, ReasonedError
 
 log = logging.getLogger("prune_pack.agent.daemon")
 
 MiB = 1024 * 1024
-FAST = ("ping", "status", "list-models")
-SLOW = ("profile", "deploy", "activate", "rollback")
-COMMANDS = FAST + SLOW
 # Fault injection for the crash tests: SIGKILL ourselves at a named point of a deploy.
 CRASH_ENV = "PRUNE_PACK_CRASH_AT"
 CRASH_POINTS = ("verified", "stage_files", "staged", "before_switch", "after_switch")
-
-# Argument types per command: name -> (json types, required). request_id is checked for all.
-_STR, _BOOL, _INT, _NUM = (str,), (bool,), (int,), (int, float)
-ARGS: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
-    "ping": {},
-    "status": {},
-    "list-models": {},
-    "rollback": {},
-    "activate": {"model": (_STR, True), "force": (_BOOL, False)},
-    "deploy": {"package_b64": (_STR, False), "path": (_STR, False), "url": (_STR, False), "force": (_BOOL, False)},
-    "profile": {"package_b64": (_STR, False), "path": (_STR, False), "url": (_STR, False), "force": (_BOOL, False),
-                "backend": (_STR, False), "precision": (_STR, False), "threads": (_INT, False),
-                "warmup": (_INT, False), "runs": (_INT, False), "seconds": (_NUM, False)},
-}
-LIMITS = {"threads": (0, 256), "warmup": (0, 1000), "runs": (1, 10000), "seconds": (0.01, 600.0)}
-
-
-class CommandError(ReasonedError):
-    """A command that fails with a stable ``reason`` (sent in the answer) and a detail."""
 
 
 # ---------------------------------------------------------------------- sd_notify
@@ -115,14 +104,6 @@ def _crash_point(name: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _call_filtered(func: Callable, **kwargs: Any) -> Any:
-    """Call with the keyword arguments the function accepts (colleagues' signatures evolve)."""
-    params = inspect.signature(func).parameters
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return func(**kwargs)
-    return func(**{k: v for k, v in kwargs.items() if k in params})
-
-
 def _names(manifest: dict) -> dict[int, str]:
     raw = manifest.get("names", manifest.get("classes"))
     if isinstance(raw, list):
@@ -150,27 +131,6 @@ def _temperature_c() -> Optional[float]:
     except Exception:  # noqa: BLE001 - sensors are optional and vary wildly
         pass
     return None
-
-
-def check_args(name: str, args: dict) -> None:
-    spec = ARGS[name]
-    for k, v in args.items():
-        if k not in spec:
-            raise CommandError("bad_request", f"unknown field {k!r} for {name} (expected: {', '.join(sorted(spec)) or 'none'})")
-        types, _ = spec[k]
-        if isinstance(v, bool) and bool not in types or not isinstance(v, types):
-            want = "/".join("number" if t is float else t.__name__ for t in types)
-            raise CommandError("bad_request", f"field {k!r} must be {want}, got {type(v).__name__}")
-        if k in LIMITS and not LIMITS[k][0] <= v <= LIMITS[k][1]:
-            raise CommandError("bad_request", f"field {k!r} must be within {LIMITS[k]}, got {v}")
-    for k, (_, required) in spec.items():
-        if required and k not in args:
-            raise CommandError("bad_request", f"field {k!r} is required for {name}")
-    sources = [k for k in ("package_b64", "path", "url") if k in args]
-    if len(sources) > 1:
-        raise CommandError("bad_request", f"give one of package_b64, path, url (got {', '.join(sources)})")
-    if name == "deploy" and not sources:
-        raise CommandError("bad_request", "deploy needs one of package_b64, path, url")
 
 
 # ---------------------------------------------------------------------- daemon
@@ -204,6 +164,9 @@ class Daemon:
 
     # ------------------------------------------------------------ lifecycle
     def start(self) -> None:
+        load_all()
+        if self.agent.allow_unsigned:
+            log.warning("agent.allow_unsigned is a host setting (prune-pack profile/verify); the daemon refuses unsigned packages")
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.store.open()
         for note in self.store.recovered:
@@ -303,12 +266,10 @@ class Daemon:
         from prune_pack.agent.streams import session_factory_for
 
         factory = session_factory_for(self.inference, len(self.stream_cfgs), self.cache_dir)
-        self.streams = _call_filtered(StreamManager, streams=self.stream_cfgs, inference=self.inference,
-                                      session_factory=factory, names=_names(m.manifest),
-                                      on_detections=self._on_detections, model_path=m.model_path)
+        self.streams = StreamManager(streams=self.stream_cfgs, inference=self.inference, session_factory=factory,
+                                     names=_names(m.manifest), on_detections=self._on_detections,
+                                     model_path=m.model_path)
         self.streams.start()  # loads the model before the first frame is read
-        if self.streams.model_path is None:  # a StreamManager without model_path support
-            self.streams.swap(m.model_path, _names(m.manifest))
 
     def _on_detections(self, stream: str, body: dict) -> None:
         link = self.link
@@ -403,7 +364,7 @@ class Daemon:
                                                             "clear it with an empty retained message"))
         else:
             item = (name, payload, None)
-        target = self._slow if name in SLOW and item[2] is None else self._fast
+        target = self._slow if lane_of(name) == SLOW and item[2] is None else self._fast
         try:
             target.put_nowait(item)
         except queue.Full:
@@ -434,16 +395,11 @@ class Daemon:
             try:
                 args = _parse(payload or b"")
                 request_id = args.pop("request_id")
-                if name not in COMMANDS:
-                    raise CommandError("unknown_command", f"{name!r} (known: {', '.join(COMMANDS)})")
-                check_args(name, args)
-                result = getattr(self, "cmd_" + name.replace("-", "_"))(args)
-            except CommandError as e:
-                error = e
-            except PackageRejected as e:
-                error = CommandError(e.reason, e.detail)
-            except StoreError as e:
-                error = CommandError(e.reason, e.detail)
+                spec = lookup(name)
+                spec.check(args)
+                result = spec.handler(self, args)
+            except ReasonedError as e:  # CommandError, PackageRejected, StoreError: their own reason
+                error = e if isinstance(e, CommandError) else CommandError(e.reason, e.detail)
             except PrunePackError as e:
                 error = CommandError("failed", str(e))
             except Exception as e:  # noqa: BLE001 - answered, logged, the daemon lives on
@@ -459,18 +415,22 @@ class Daemon:
         if link is not None:
             link.send(link.topics.result(name), link.envelope(SCHEMA_RESULT, **body), qos=1)
 
+    @command("ping", FAST)
     def cmd_ping(self, args: dict) -> dict:
         return {"pong": True, "uptime_s": round(time.time() - self.started, 1)}
 
+    @command("status", FAST)
     def cmd_status(self, args: dict) -> dict:
         return {**self._status_fields(), "state": "online" if self.link and self.link.connected else "offline",
                 "queue": self.link.queue_info() if self.link else None, "session": self.link.session if self.link else None,
                 "backend": self.inference.backend,
                 "streams_metrics": self.streams.metrics().get("streams", {}) if self.streams else {}}
 
+    @command("list-models", FAST)
     def cmd_list_models(self, args: dict) -> dict:
         return {"models": [{**m.summary(), "state": self.store.state_of(m.id)} for m in self.store.list()]}
 
+    @command("rollback", SLOW, signed=True)
     def cmd_rollback(self, args: dict) -> dict:
         with self._model_lock:
             prev = self.store.previous
@@ -481,8 +441,10 @@ class Daemon:
             self._switch(m, session, precision)
             return {"active": self._model_info(m), "previous": self.store.previous.summary() if self.store.previous else None}
 
+    @command("activate", SLOW, signed=True,
+             args={"model": Arg("string", required=True, min_length=8, max_length=128), "force": Arg("boolean")})
     def cmd_activate(self, args: dict) -> dict:
-        from prune_pack.agent.package import check_validated
+        from prune_pack.agent.manifest import check_validated
 
         with self._model_lock:
             m = self.store.find(args["model"])
@@ -492,8 +454,10 @@ class Daemon:
             self._switch(m, session, precision)
             return {"active": self._model_info(m), "previous": self.store.previous.summary() if self.store.previous else None}
 
+    @command("deploy", SLOW, signed=True, args={**SOURCE_ARGS, "force": Arg("boolean")}, one_of=SOURCES,
+             one_required=True)
     def cmd_deploy(self, args: dict) -> dict:
-        from prune_pack.agent.package import check_newer, check_validated
+        from prune_pack.agent.manifest import check_newer, check_validated
 
         force = args.get("force", False)
         with self._model_lock, self._fetched(args) as pkg:
@@ -527,6 +491,8 @@ class Daemon:
             return {"active": self._model_info(m), "changed": True, "previous": prev.summary() if prev else None,
                     "signed": vp.signed, "key_id": vp.key_id, "profile": prof}
 
+    @command("profile", SLOW, signed=given_source, args={**SOURCE_ARGS, "force": Arg("boolean"), **PROFILE_ARGS},
+             one_of=SOURCES)
     def cmd_profile(self, args: dict) -> dict:
         """Profile the active model or a given package, isolated: the package is verified into a
         private folder, measured and removed; nothing is stored or activated. Every requested
@@ -550,79 +516,32 @@ class Daemon:
                  package: bool = False) -> dict:
         from prune_pack.agent.profiler import profile_model
 
-        seconds = args.get("seconds", self.profile_cfg.seconds)
-        kw: dict[str, Any] = dict(threads=args.get("threads", self.profile_cfg.threads),
-                                  warmup=args.get("warmup", self.profile_cfg.warmup),
-                                  runs=args.get("runs", self.profile_cfg.runs), seconds=seconds,
-                                  backend=backend or self.profile_cfg.backend,
-                                  precision=precision or self.profile_cfg.precision, cache_dir=self.cache_dir)
+        given = {k: args.get(k) for k in ("threads", "warmup", "runs", "seconds")}
+        opts = merged(self.profile_cfg, backend=backend, precision=precision, **given)
+        if given["runs"] is not None and given["seconds"] is None:
+            opts = dataclasses.replace(opts, seconds=None)  # an explicit run count wins over the config's seconds
+        kw: dict[str, Any] = dict(threads=opts.threads, warmup=opts.warmup, runs=opts.runs, seconds=opts.seconds,
+                                  backend=opts.backend, precision=opts.precision, cache_dir=self.cache_dir)
         if package:
+            # The daemon never runs an unsigned package, whatever agent.allow_unsigned says (a host setting).
             kw.update(trusted_keys=self.agent.trusted_keys, revoked_keys=self.agent.revoked_keys,
-                      allow_unsigned=self.agent.allow_unsigned, max_bytes=int(self.agent.max_package_mb * MiB))
+                      allow_unsigned=False, max_bytes=int(self.agent.max_package_mb * MiB))
         try:
             return profile_model(model, **kw)
-        except PackageRejected:
+        except ReasonedError:  # PackageRejected keeps its reason
             raise
         except PrunePackError as e:
             raise CommandError("profile_failed", str(e)) from None
 
     def _verify(self, pkg: Path, staging: Optional[Path] = None) -> Any:
-        from prune_pack.agent.package import verify_package
+        from prune_pack.agent.verifier import verify_package
 
         return verify_package(pkg, trusted_keys=self.agent.trusted_keys, revoked_keys=self.agent.revoked_keys,
-                              max_bytes=int(self.agent.max_package_mb * MiB), allow_unsigned=self.agent.allow_unsigned,
+                              max_bytes=int(self.agent.max_package_mb * MiB), allow_unsigned=False,
                               staging_root=staging or self.store.staging_dir)
 
-    def _fetched(self, args: dict) -> "_Fetched":
-        return _Fetched(self, args)
-
-
-class _Fetched:
-    """Context manager: the package of a command as a local file (temp files removed after)."""
-
-    def __init__(self, daemon: Daemon, args: dict) -> None:
-        self.d, self.args, self.tmp = daemon, args, None
-
-    def __enter__(self) -> Path:
-        a, agent = self.args, self.d.agent
-        if "package_b64" in a:
-            limit = int(agent.max_inline_mb * MiB)
-            if len(a["package_b64"]) > limit * 4 // 3 + 4:
-                raise CommandError("too_large", f"inline package over max_inline_mb={agent.max_inline_mb}; send a path or URL")
-            try:
-                data = base64.b64decode(a["package_b64"], validate=True)
-            except (binascii.Error, ValueError):
-                raise CommandError("bad_request", "package_b64 is not valid base64") from None
-            self.tmp = self.d.store.new_staging("incoming")
-            p = self.tmp / "package.ppk"
-            p.write_bytes(data)
-            return p
-        if "path" in a:
-            return Path(a["path"])
-        url = a["url"]
-        u = urllib.parse.urlparse(url)
-        if u.scheme == "file":
-            return Path(urllib.parse.unquote(u.path))
-        if u.scheme not in ("http", "https"):
-            raise CommandError("bad_request", f"url scheme must be file, http or https, got {u.scheme!r}")
-        limit = int(agent.max_package_mb * MiB)
-        self.tmp = self.d.store.new_staging("incoming")
-        p = self.tmp / "package.ppk"
-        try:
-            with urllib.request.urlopen(url, timeout=60) as r, open(p, "wb") as f:  # noqa: S310 - scheme checked
-                n = 0
-                for chunk in iter(lambda: r.read(1 << 20), b""):
-                    n += len(chunk)
-                    if n > limit:
-                        raise CommandError("too_large", f"download over max_package_mb={agent.max_package_mb}")
-                    f.write(chunk)
-        except OSError as e:
-            raise CommandError("fetch_failed", f"{url}: {e}") from None
-        return p
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.tmp is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
+    def _fetched(self, args: dict) -> Fetched:
+        return Fetched(self.agent, self.store.new_staging, args)
 
 
 def _parse(payload: bytes) -> dict:

@@ -27,8 +27,9 @@ import numpy as np
 import psutil
 
 from prune_pack.agent import backends as be
-from prune_pack.agent.package import sha256_file
-from prune_pack.errors import PrunePackError, UserInputError
+from prune_pack.agent.manifest import sha256_file
+from prune_pack.agent.keys import host_trusted_keys, unsigned_on_host
+from prune_pack.errors import PackageRejected, PrunePackError, UserInputError
 
 QUANTILES = {"p50": 0.50, "p90": 0.90, "p95": 0.95, "p99": 0.99}
 CI_LEVEL = 0.95
@@ -236,7 +237,7 @@ def open_model(model: str | Path, trusted_keys: Iterable[str | Path] = (), revok
     if suffix != ".ppk" and (suffix == ".onnx" or not zipfile.is_zipfile(p)):
         yield p, {"source": "onnx"}
         return
-    from prune_pack.agent.package import verify_package
+    from prune_pack.agent.verifier import verify_package
 
     staging = Path(tempfile.mkdtemp(prefix="prune-pack-profile-"))
     try:
@@ -393,7 +394,7 @@ def _mark_validated(result: dict[str, Any], facts: dict[str, Any]) -> None:
     manifest = facts.get("manifest")
     if manifest is None:
         return
-    from prune_pack.agent.package import check_validated
+    from prune_pack.agent.manifest import check_validated
 
     try:
         check_validated(manifest, result["backend"], result["precision"])
@@ -515,9 +516,12 @@ def cli_profile(args: argparse.Namespace, cfg: Any) -> dict[str, Any]:
     """``prune-pack profile``: flags override the config's ``profile`` section, which overrides defaults."""
     kw = profile_kwargs(cfg, threads=args.threads, warmup=args.warmup, runs=args.runs, seconds=args.seconds,
                         backend=args.backend, precision=args.precision, images=args.images)
-    kw["trusted_keys"] = kw["trusted_keys"] + list(args.pubkey or [])
+    kw["trusted_keys"] = host_trusted_keys(kw["trusted_keys"], args.pubkey or [])
     kw["allow_unsigned"] = bool(kw["allow_unsigned"] or getattr(args, "allow_unsigned", False))
-    result = profile_model(args.model, **kw)
+    try:
+        result = profile_model(args.model, **kw)
+    except PackageRejected as e:
+        raise unsigned_on_host(e, "profile") from None
     if not getattr(args, "latencies", False):
         result.pop("latencies_ms", None)
         for r in result.get("results", []):

@@ -101,5 +101,7 @@ class AgentSection:
     max_package_mb: float = 512.0  # packages or members over this are rejected
     max_inline_mb: float = 16.0  # base64 packages inside an MQTT command
     max_payload_kb: float = 32768.0  # any larger command payload is refused
-    allow_unsigned: bool = False  # development only: accept packages without a signature
+    allow_unsigned: bool = False  # host CLI only (profile/verify); the agent daemon always refuses unsigned packages
+    fetch_allowed_hosts: list[str] = field(default_factory=list)  # url deploys: host or host:port; none by default
+    fetch_timeout_s: float = 300.0  # one deadline for a whole download
     watchdog: bool = True  # send systemd WATCHDOG=1 from the working loop when NOTIFY_SOCKET is set

@@ -28,7 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from prune_pack.agent.package import sha256_file
+from prune_pack.agent.fsutil import atomic_write, fsync_dir
+from prune_pack.agent.manifest import sha256_file
 from prune_pack.errors import ReasonedError
 
 log = logging.getLogger("prune_pack.agent.store")
@@ -39,25 +40,6 @@ KEEP_EXTRA = 3  # stored models kept besides active and previous (for `activate`
 
 class StoreError(ReasonedError):
     """A store operation that cannot be done; ``reason`` is a stable code for MQTT answers."""
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Replace ``path`` with ``data``: other readers and a crash see the old or the new bytes."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
 
 
 @dataclass

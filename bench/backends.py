@@ -73,7 +73,7 @@ def main() -> int:
     args = ap.parse_args()
 
     from prune_pack.agent import backends as be
-    from prune_pack.agent.package import sha256_file
+    from prune_pack.agent.manifest import sha256_file
     from prune_pack.agent.profiler import device_context, latency_stats, measure, random_input
 
     int8 = args.int8

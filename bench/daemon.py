@@ -50,13 +50,17 @@ def start_broker(tmp: Path) -> tuple[subprocess.Popen, int]:
 
 def seed_store(state: Path, onnx: Path, name: str) -> None:
     """Put a package into the store as a deploy would (verify -> stage -> activate)."""
-    from prune_pack.agent.package import verify_package, write_package
+    from prune_pack.agent.keys import generate_keypair
     from prune_pack.agent.store import ModelStore
+    from prune_pack.agent.verifier import verify_package
+    from prune_pack.agent.writer import write_package
 
+    keys = state.parent / "keys"
+    priv, pub = (keys / "signing.key", keys / "signing.pub") if (keys / "signing.key").exists() else generate_keypair(keys)
     pkg = write_package(onnx, {"name": name, "precision": "int8" if "int8" in onnx.name else "fp32", "version": 1},
-                        state.parent / f"{name}.ppk")
+                        state.parent / f"{name}.ppk", priv)
     store = ModelStore(state).open()
-    vp = verify_package(pkg, allow_unsigned=True, staging_root=store.staging_dir)
+    vp = verify_package(pkg, [pub], staging_root=store.staging_dir)
     store.activate(store.stage(vp.dir).id)
 
 
@@ -66,7 +70,8 @@ def measure(tmp: Path, port: int, model: Path | None, seconds: float, telemetry:
     if model:
         seed_store(state, model, model.stem.replace("_", "-"))
     cfg = {"device": {"id": "bench", "site": "lab"}, "mqtt": {"broker": f"mqtt://127.0.0.1:{port}"},
-           "agent": {"state_dir": str(state), "telemetry_interval_s": telemetry, "allow_unsigned": True},
+           "agent": {"state_dir": str(state), "telemetry_interval_s": telemetry,
+                     "trusted_keys": [str(tmp / "keys" / "signing.pub")]},
            "inference": {"threads": 1}}
     cfg_path = tmp / f"{state.name}.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg))

@@ -16,7 +16,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from prune_pack.agent import package as P
+from prune_pack.agent import keys as K
+from prune_pack.agent import manifest as M
+from prune_pack.agent import verifier as V
+from prune_pack.agent import writer as W
 
 SHARED_INT8 = Path(__file__).resolve().parents[2] / "shared" / "models" / "yolov8n_int8.onnx"
 
@@ -28,10 +31,10 @@ def bench(model: Path, keys: tuple[Path, Path], work: Path, repeat: int, real: b
     w, v = [], []
     for _ in range(repeat):
         t = time.perf_counter()
-        pkg = P.write_package(model, m, work / "b.ppk", keys[0])
+        pkg = W.write_package(model, m, work / "b.ppk", keys[0])
         w.append(time.perf_counter() - t)
         t = time.perf_counter()
-        P.verify_package(pkg, [keys[1]], staging_root=work / "stage").discard()
+        V.verify_package(pkg, [keys[1]], staging_root=work / "stage").discard()
         v.append(time.perf_counter() - t)
     return statistics.median(w), statistics.median(v)
 
@@ -43,7 +46,7 @@ def main() -> None:
     a = ap.parse_args()
     with tempfile.TemporaryDirectory() as d:
         work = Path(d)
-        keys = P.generate_keypair(work / "keys")
+        keys = K.generate_keypair(work / "keys")
         rows = []
         if SHARED_INT8.exists():
             rows.append((f"{SHARED_INT8.name} ({SHARED_INT8.stat().st_size / 2**20:.1f} MiB, input read by ORT)", *bench(SHARED_INT8, keys, work, a.repeat, True)))

@@ -43,7 +43,8 @@ def main() -> int:
     a = ap.parse_args()
 
     from prune_pack.agent.backends import bf16_supported, load_session
-    from prune_pack.agent.package import default_key_path, verify_package
+    from prune_pack.agent.keys import default_key_path
+    from prune_pack.agent.verifier import verify_package
     from prune_pack.agent.profiler import image_inputs, latency_stats, measure
     from prune_pack.deploy.export import export_onnx
 

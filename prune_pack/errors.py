@@ -15,7 +15,11 @@ class ReasonedError(PrunePackError):
     def __init__(self, reason: str, detail: str = "") -> None:
         self.reason = reason
         self.detail = detail
-        super().__init__(f"{reason}: {detail}" if detail else reason)
+        super().__init__(self.message(reason, detail))
+
+    @staticmethod
+    def message(reason: str, detail: str) -> str:
+        return f"{reason}: {detail}" if detail else reason
 
 
 class UserInputError(PrunePackError):
@@ -44,15 +48,14 @@ class MissingExtraError(PrunePackError):
         )
 
 
-class PackageRejected(PrunePackError):
+class PackageRejected(ReasonedError):
     """A deployment package failed verification; ``reason`` is a stable machine-readable code."""
 
     exit_code = 4
 
-    def __init__(self, reason: str, detail: str = "") -> None:
-        self.reason = reason
-        self.detail = detail
-        super().__init__(f"package rejected: {reason}" + (f" ({detail})" if detail else ""))
+    @staticmethod
+    def message(reason: str, detail: str) -> str:
+        return f"package rejected: {reason}" + (f" ({detail})" if detail else "")
 
 
 class TargetUnreachable(PrunePackError):

@@ -86,7 +86,7 @@ def _p50_interleaved(paths: list[Path], rounds: int = 5) -> list[float]:
 @pytest.mark.slow
 @pytest.mark.timeout(420)
 def test_interrupted_build_resumes_and_meets_a_target_between_pruned_and_unpruned(tiny, tmp_path):
-    from prune_pack.agent.package import verify_package
+    from prune_pack.agent.verifier import verify_package
     from prune_pack.deploy.export import export_onnx
     from prune_pack.pruning.checkpoint import save_pruned
     from prune_pack.pruning.prune import prune_model
@@ -272,7 +272,7 @@ def remote(broker, tmp_path):
     a key made for the test; yields (host config path, device id, signing key)."""
     _daemon_or_skip()
     from prune_pack.agent.daemon import Daemon
-    from prune_pack.agent.package import generate_keypair
+    from prune_pack.agent.keys import generate_keypair
     from prune_pack.config import parse_config
 
     key, pub = generate_keypair(tmp_path / "keys")

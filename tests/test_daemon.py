@@ -26,13 +26,15 @@ from test_mqtt_helpers import (
     tampered,
 )
 
-from prune_pack.agent.daemon import ARGS, COMMANDS
+import prune_pack.agent.daemon  # noqa: F401 - declares the commands
+from prune_pack.agent.commands import REGISTRY
 
 
 @pytest.fixture
 def running(broker, tmp_path):
     w = Watcher(broker)
-    d = InProcessDaemon(agent_config(tmp_path, broker, max_payload_kb=64.0, max_inline_mb=0.04))
+    d = InProcessDaemon(agent_config(tmp_path, broker, max_payload_kb=64.0, max_inline_mb=0.04,
+                                     fetch_allowed_hosts=["127.0.0.1"]))
     w.status("online")
     yield d, w
     d.stop()
@@ -188,7 +190,7 @@ _json = st.recursive(
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
     max_leaves=8,
 )
-_field_names = st.sampled_from(sorted({k for spec in ARGS.values() for k in spec} | {"request_id", "x"}))
+_field_names = st.sampled_from(sorted({k for c in REGISTRY.values() for k in c.args} | {"request_id", "x"}))
 _requests = st.dictionaries(_field_names, _json, max_size=4).map(
     lambda d: {k: v for k, v in d.items() if k not in ("seconds", "path", "url") or not isinstance(v, (int, float, str))})
 _payloads = st.one_of(
@@ -205,7 +207,7 @@ def test_fuzz_every_command_topic_is_answered(running, tmp_path):
     assert w.call("deploy", {"package_b64": b64(package(tmp_path, 1))})["ok"]
 
     @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck), database=None)
-    @given(cmd=st.sampled_from(list(COMMANDS) + ["bogus"]), payload=_payloads)
+    @given(cmd=st.sampled_from(sorted(REGISTRY) + ["bogus"]), payload=_payloads)
     def one(cmd, payload):
         r = w.raw(cmd, payload, timeout=30)
         try:
@@ -299,3 +301,27 @@ def test_telemetry_measures_this_process(tmp_path):
         assert t["model"] is None and t["queue"] == {"pending": 0, "dropped": 0}
     finally:
         d.shutdown()
+
+
+def test_profile_request_runs_win_over_the_device_profile_seconds(broker, tmp_path):
+    """issue #14: with ``profile.seconds`` in the device config, the host's ``runs`` used to be
+    ignored (the config's seconds won). Options resolve through settings.merged; an explicit
+    ``runs`` without ``seconds`` clears the config's seconds; without flags the config holds."""
+    cfg = agent_config(tmp_path, broker)
+    cfg["profile"] = {"runs": 5, "warmup": 0, "threads": 1, "seconds": 0.3}
+    w = Watcher(broker)
+    d = InProcessDaemon(cfg)
+    try:
+        w.status("online")
+        assert w.call("deploy", {"package_b64": b64(package(tmp_path, 1))})["ok"]
+        r = w.call("profile", {"runs": 3})
+        assert r["ok"], r
+        assert r["result"]["runs"] == 3 and r["result"]["seconds"] is None
+        r = w.call("profile", {"runs": 3, "seconds": 0.2})  # both given: seconds decides
+        assert r["ok"] and r["result"]["seconds"] == 0.2
+        r = w.call("profile", {"warmup": 0})  # nothing about counts: the config's seconds
+        assert r["ok"] and r["result"]["seconds"] == 0.3
+    finally:
+        d.stop()
+        w.close()
+    assert not w.invalid, w.invalid

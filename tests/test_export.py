@@ -93,7 +93,8 @@ def test_dynamic_batch_export_runs_batch_2(tiny_pt, tmp_path):
 
 
 def test_package_round_trip_signed_and_versioned(tiny_pt, tmp_path):
-    from prune_pack.agent.package import generate_keypair, verify_package
+    from prune_pack.agent.keys import generate_keypair
+    from prune_pack.agent.verifier import verify_package
     from prune_pack.errors import PackageRejected
 
     priv, pub = generate_keypair(tmp_path / "keys")
@@ -173,7 +174,7 @@ def test_json_output_is_the_only_stdout_line(tiny_pt, tmp_path):
 
 
 def test_pruning_provenance_reaches_the_manifest(tiny_pt, tmp_path):
-    from prune_pack.agent.package import read_manifest
+    from prune_pack.agent.manifest import read_manifest
     from prune_pack.pruning.checkpoint import load_checkpoint, save_pruned
 
     yolo, _ = load_checkpoint(tiny_pt)

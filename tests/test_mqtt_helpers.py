@@ -178,7 +178,7 @@ class Watcher:
 
 
 def keys(tmp: Path) -> tuple[Path, Path]:
-    from prune_pack.agent.package import generate_keypair
+    from prune_pack.agent.keys import generate_keypair
 
     d = tmp / "keys"
     if (d / "signing.key").exists():
@@ -187,7 +187,7 @@ def keys(tmp: Path) -> tuple[Path, Path]:
 
 
 def package(tmp: Path, version: int, signed: bool = True, name: str = "tiny", **manifest: Any) -> Path:
-    from prune_pack.agent.package import write_package
+    from prune_pack.agent.writer import write_package
 
     priv, _ = keys(tmp)
     out = tmp / f"{name}-v{version}{'' if signed else '-unsigned'}.ppk"

@@ -205,7 +205,7 @@ def coco16(coco128_yaml, tmp_path_factory) -> Path:
 @needs_ov
 def test_export_package_with_nncf_engine_is_gated_on_openvino(coco_pt, coco16, tmp_path):
     pytest.importorskip("torch")
-    from prune_pack.agent.package import verify_package
+    from prune_pack.agent.verifier import verify_package
     from prune_pack.deploy.export import export_package
     from prune_pack.deploy.quantize import AccuracyGateError
 

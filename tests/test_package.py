@@ -26,7 +26,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from prune_pack.agent import package as P
+from prune_pack.agent import keys as K
+from prune_pack.agent import manifest as M
+from prune_pack.agent import verifier as V
+from prune_pack.agent import writer as W
 from prune_pack.cli import main
 from prune_pack.errors import PackageRejected, UserInputError
 
@@ -46,7 +49,7 @@ def _isolated_config(tmp_path, monkeypatch):
 @pytest.fixture(scope="module")
 def keys(tmp_path_factory) -> dict[str, tuple[Path, Path]]:
     root = tmp_path_factory.mktemp("keys")
-    return {n: P.generate_keypair(root / n) for n in ("a", "b", "evil")}
+    return {n: K.generate_keypair(root / n) for n in ("a", "b", "evil")}
 
 
 @pytest.fixture
@@ -72,7 +75,7 @@ def manifest(**over) -> dict:
 
 @pytest.fixture
 def pkg(tmp_path, keys) -> Path:
-    return P.write_package(TINY, manifest(), tmp_path / "tiny.ppk", keys["a"][0])
+    return W.write_package(TINY, manifest(), tmp_path / "tiny.ppk", keys["a"][0])
 
 
 def members(path: Path) -> dict[str, bytes]:
@@ -99,7 +102,7 @@ def repack(out: Path, entries: list) -> Path:
 
 
 def sign(key_path: Path, data: bytes) -> bytes:
-    key = P.load_private_key(key_path)
+    key = K.load_private_key(key_path)
     assert isinstance(key, Ed25519PrivateKey)
     return base64.b64encode(key.sign(data))
 
@@ -111,9 +114,9 @@ def signed_package(out: Path, m: dict, model: bytes, key_path: Path) -> Path:
 
 def assert_rejected(reason: str, path: Path, stage: Path, trusted, **kw) -> PackageRejected:
     with pytest.raises(PackageRejected) as ei:
-        P.verify_package(path, trusted, staging_root=stage, **kw)
+        V.verify_package(path, trusted, staging_root=stage, **kw)
     assert ei.value.reason == reason, str(ei.value)
-    assert ei.value.reason in P.REASONS
+    assert ei.value.reason in M.REASONS
     assert list(stage.iterdir()) == [], "a rejected package left files behind"
     return ei.value
 
@@ -122,13 +125,13 @@ def assert_rejected(reason: str, path: Path, stage: Path, trusted, **kw) -> Pack
 
 
 def test_round_trip_runs_in_onnxruntime(pkg, keys, stage):
-    v = P.verify_package(pkg, [keys["a"][1]], staging_root=stage)
-    assert v.signed and v.key_id == P.key_id(keys["a"][1])
+    v = V.verify_package(pkg, [keys["a"][1]], staging_root=stage)
+    assert v.signed and v.key_id == K.key_id(keys["a"][1])
     assert v.dir.parent == stage and v.model_path == v.dir / "model.onnx"
     assert v.model_path.read_bytes() == TINY.read_bytes()
-    assert json.loads(v.manifest_path.read_bytes()) == v.manifest == P.read_manifest(pkg)
+    assert json.loads(v.manifest_path.read_bytes()) == v.manifest == M.read_manifest(pkg)
     m = v.manifest
-    assert (m["schema"], m["name"], m["version"], m["precision"]) == (P.MANIFEST_SCHEMA, "tiny", 3, "fp32")
+    assert (m["schema"], m["name"], m["version"], m["precision"]) == (M.MANIFEST_SCHEMA, "tiny", 3, "fp32")
     assert m["size"] == TINY.stat().st_size and m["signer"] == v.key_id
     assert m["prune_pack_version"] and m["created"].endswith("Z")
     # input spec read from the model itself; the staged model really runs.
@@ -136,15 +139,15 @@ def test_round_trip_runs_in_onnxruntime(pkg, keys, stage):
     sess = ort.InferenceSession(str(v.model_path), providers=["CPUExecutionProvider"])
     (y,) = sess.run(None, {m["input"]["name"]: np.zeros(m["input"]["shape"], np.float32)})
     assert y.shape == (1, 4 + len(m["names"]), 256)
-    assert P.read_manifest(v.dir) == m
+    assert M.read_manifest(v.dir) == m
     v.discard()
     assert not v.dir.exists()
 
 
 def test_manifest_values_are_made_json(tmp_path, keys, stage):
     m = manifest(metrics={"map50": float("nan"), "params": np.int64(7), "gflops": np.float32(0.5)}, shape=(1, 2))
-    out = P.write_package(TINY, m, tmp_path / "t.ppk", keys["a"][0])
-    got = P.verify_package(out, [keys["a"][1]], staging_root=stage).manifest
+    out = W.write_package(TINY, m, tmp_path / "t.ppk", keys["a"][0])
+    got = V.verify_package(out, [keys["a"][1]], staging_root=stage).manifest
     assert got["metrics"] == {"map50": None, "params": 7, "gflops": 0.5} and got["shape"] == [1, 2]
 
 
@@ -152,21 +155,21 @@ def test_write_is_atomic_and_validates(tmp_path, keys):
     out = tmp_path / "o" / "x.ppk"
     for bad in (manifest(name="../etc"), manifest(version=0), {"name": "x"}):
         with pytest.raises(UserInputError):
-            P.write_package(TINY, bad, out, keys["a"][0])
+            W.write_package(TINY, bad, out, keys["a"][0])
     with pytest.raises(UserInputError, match="not found"):
-        P.write_package(tmp_path / "missing.onnx", manifest(), out)
+        W.write_package(tmp_path / "missing.onnx", manifest(), out)
     assert not out.parent.exists() or list(out.parent.iterdir()) == []
     # an existing package is replaced whole, and no temp files stay behind
-    P.write_package(TINY, manifest(version=1), out, keys["a"][0])
-    P.write_package(TINY, manifest(version=2), out, keys["a"][0])
+    W.write_package(TINY, manifest(version=1), out, keys["a"][0])
+    W.write_package(TINY, manifest(version=2), out, keys["a"][0])
     assert [p.name for p in out.parent.iterdir()] == ["x.ppk"]
-    assert P.read_manifest(out)["version"] == 2
+    assert M.read_manifest(out)["version"] == 2
 
 
 def test_default_version_comes_from_the_counter(tmp_path):
     m = manifest()
     del m["version"]
-    versions = [P.read_manifest(P.write_package(TINY, m, tmp_path / f"{i}.ppk"))["version"] for i in range(3)]
+    versions = [M.read_manifest(W.write_package(TINY, m, tmp_path / f"{i}.ppk"))["version"] for i in range(3)]
     assert versions == [1, 2, 3]
 
 
@@ -206,7 +209,7 @@ def test_whitespace_in_manifest_is_bad_signature(pkg, keys, stage, tmp_path):
 
 
 def test_swapped_signature_is_bad_signature(pkg, keys, stage, tmp_path):
-    other = P.write_package(TINY, manifest(version=4), tmp_path / "other.ppk", keys["a"][0])
+    other = W.write_package(TINY, manifest(version=4), tmp_path / "other.ppk", keys["a"][0])
     mem = members(pkg)
     mem["signature"] = members(other)["signature"]  # valid signature by the same key, other manifest
     assert_rejected("bad_signature", repack(tmp_path / "bad.ppk", list(mem.items())), stage, [keys["a"][1]])
@@ -222,14 +225,14 @@ def test_malformed_signature_is_bad_signature(pkg, keys, stage, tmp_path, sig):
 def test_raw_signature_bytes_are_accepted(pkg, keys, stage, tmp_path):
     mem = members(pkg)
     mem["signature"] = base64.b64decode(mem["signature"])
-    v = P.verify_package(repack(tmp_path / "raw.ppk", list(mem.items())), [keys["a"][1]], staging_root=stage)
+    v = V.verify_package(repack(tmp_path / "raw.ppk", list(mem.items())), [keys["a"][1]], staging_root=stage)
     assert v.signed
 
 
 def test_other_key_is_untrusted(tmp_path, keys, stage):
-    evil = P.write_package(TINY, manifest(), tmp_path / "evil.ppk", keys["evil"][0])
+    evil = W.write_package(TINY, manifest(), tmp_path / "evil.ppk", keys["evil"][0])
     e = assert_rejected("untrusted_key", evil, stage, [keys["a"][1], keys["b"][1]])
-    assert P.key_id(keys["evil"][1]) in e.detail
+    assert K.key_id(keys["evil"][1]) in e.detail
 
 
 def test_other_key_claiming_a_trusted_signer_is_bad_signature(pkg, keys, stage, tmp_path):
@@ -244,13 +247,13 @@ def test_no_trusted_keys_rejects_signed(pkg, stage):
 
 
 def test_missing_signature_is_unsigned_unless_allowed(tmp_path, keys, stage):
-    out = P.write_package(TINY, manifest(), tmp_path / "u.ppk", None)
+    out = W.write_package(TINY, manifest(), tmp_path / "u.ppk", None)
     assert_rejected("unsigned", out, stage, [keys["a"][1]])
-    v = P.verify_package(out, [], allow_unsigned=True, staging_root=stage)
+    v = V.verify_package(out, [], allow_unsigned=True, staging_root=stage)
     assert (v.signed, v.key_id) == (False, None)
     # allow_unsigned never excuses a signature that is present but wrong
     mem = members(out)
-    mem["signature"] = members(P.write_package(TINY, manifest(version=9), tmp_path / "s.ppk", keys["a"][0]))["signature"]
+    mem["signature"] = members(W.write_package(TINY, manifest(version=9), tmp_path / "s.ppk", keys["a"][0]))["signature"]
     v.discard()
     assert_rejected("bad_signature", repack(tmp_path / "bad.ppk", list(mem.items())), stage, [keys["a"][1]], allow_unsigned=True)
 
@@ -303,12 +306,12 @@ def test_oversize_package_and_member(pkg, keys, stage, tmp_path):
     assert big.stat().st_size < 50_000
     assert_rejected("member_too_large", big, stage, [keys["a"][1]], max_bytes=100_000)
     # oversized manifest (limit 1 MiB regardless of max_bytes)
-    huge = repack(tmp_path / "huge.ppk", [(zipinfo("manifest.json", compress=zipfile.ZIP_DEFLATED), b" " * (P.MAX_MANIFEST_BYTES + 1)), ("model.onnx", b"")])
+    huge = repack(tmp_path / "huge.ppk", [(zipinfo("manifest.json", compress=zipfile.ZIP_DEFLATED), b" " * (M.MAX_MANIFEST_BYTES + 1)), ("model.onnx", b"")])
     assert_rejected("member_too_large", huge, stage, [keys["a"][1]])
 
 
 def test_zip_bomb_is_rejected(keys, stage, tmp_path):
-    model = bytes(4 * P.MiB)
+    model = bytes(4 * M.MiB)
     bomb = repack(tmp_path / "bomb.ppk", [("manifest.json", b"{}"), (zipinfo("model.onnx", compress=zipfile.ZIP_DEFLATED), model)])
     assert bomb.stat().st_size < 50_000
     assert_rejected("zip_bomb", bomb, stage, [keys["a"][1]])
@@ -339,14 +342,14 @@ def test_lying_declared_size_never_writes_more(tmp_path, stage):
 
 
 def test_unknown_schema(keys, stage, tmp_path):
-    m = json.loads(members(P.write_package(TINY, manifest(), tmp_path / "ok.ppk", keys["a"][0]))["manifest.json"])
+    m = json.loads(members(W.write_package(TINY, manifest(), tmp_path / "ok.ppk", keys["a"][0]))["manifest.json"])
     for schema in (2, "1", None, True):
         bad = signed_package(tmp_path / "s.ppk", {**m, "schema": schema}, TINY.read_bytes(), keys["a"][0])
         assert_rejected("unknown_schema", bad, stage, [keys["a"][1]])
 
 
 def test_signed_but_wrong_size_is_size_mismatch(keys, stage, tmp_path):
-    m = json.loads(members(P.write_package(TINY, manifest(), tmp_path / "ok.ppk", keys["a"][0]))["manifest.json"])
+    m = json.loads(members(W.write_package(TINY, manifest(), tmp_path / "ok.ppk", keys["a"][0]))["manifest.json"])
     bad = signed_package(tmp_path / "s.ppk", {**m, "size": m["size"] + 1}, TINY.read_bytes(), keys["a"][0])
     assert_rejected("size_mismatch", bad, stage, [keys["a"][1]])
 
@@ -381,9 +384,9 @@ def test_random_corruption_is_rejected_or_harmless(pkg, keys, tmp_path, data):
     stage = tmp_path / "fuzz-stage"
     stage.mkdir(exist_ok=True)
     try:
-        v = P.verify_package(bad, [keys["a"][1]], staging_root=stage)
+        v = V.verify_package(bad, [keys["a"][1]], staging_root=stage)
     except PackageRejected as e:
-        assert e.reason in P.REASONS
+        assert e.reason in M.REASONS
         assert list(stage.iterdir()) == []
     else:
         assert v.model_path.read_bytes() == TINY.read_bytes()
@@ -394,11 +397,11 @@ def test_random_corruption_is_rejected_or_harmless(pkg, keys, tmp_path, data):
 
 
 def test_key_rotation_two_trusted_keys(tmp_path, keys, stage):
-    old = P.write_package(TINY, manifest(version=1), tmp_path / "old.ppk", keys["a"][0])
-    new = P.write_package(TINY, manifest(version=2), tmp_path / "new.ppk", keys["b"][0])
+    old = W.write_package(TINY, manifest(version=1), tmp_path / "old.ppk", keys["a"][0])
+    new = W.write_package(TINY, manifest(version=2), tmp_path / "new.ppk", keys["b"][0])
     trusted = [keys["a"][1], keys["b"][1]]
-    assert P.verify_package(old, trusted, staging_root=stage).key_id == P.key_id(keys["a"][1])
-    assert P.verify_package(new, trusted, staging_root=stage).key_id == P.key_id(keys["b"][1])
+    assert V.verify_package(old, trusted, staging_root=stage).key_id == K.key_id(keys["a"][1])
+    assert V.verify_package(new, trusted, staging_root=stage).key_id == K.key_id(keys["b"][1])
     # after rotation the old key is dropped: its packages stop verifying
     for d in stage.iterdir():
         d.rename(tmp_path / d.name)
@@ -408,9 +411,9 @@ def test_key_rotation_two_trusted_keys(tmp_path, keys, stage):
 def test_revoked_wins_over_trusted(pkg, keys, stage):
     trusted = [keys["a"][1], keys["b"][1]]
     assert_rejected("revoked_key", pkg, stage, trusted, revoked_keys=[keys["a"][1]])
-    assert_rejected("revoked_key", pkg, stage, trusted, revoked_keys=[P.key_id(keys["a"][1])])  # by id
+    assert_rejected("revoked_key", pkg, stage, trusted, revoked_keys=[K.key_id(keys["a"][1])])  # by id
     assert_rejected("revoked_key", pkg, stage, [keys["b"][1]], revoked_keys=[keys["a"][1]])  # revoked, not trusted
-    P.verify_package(pkg, trusted, revoked_keys=[keys["b"][1]], staging_root=stage)  # other key revoked: fine
+    V.verify_package(pkg, trusted, revoked_keys=[keys["b"][1]], staging_root=stage)  # other key revoked: fine
 
 
 def test_revocation_does_not_rely_on_the_signer_hint(pkg, keys, stage, tmp_path):
@@ -419,7 +422,7 @@ def test_revocation_does_not_rely_on_the_signer_hint(pkg, keys, stage, tmp_path)
     m = json.loads(members(pkg)["manifest.json"])
     del m["signer"]
     nohint = signed_package(tmp_path / "nohint.ppk", m, TINY.read_bytes(), keys["a"][0])
-    assert P.verify_package(nohint, [keys["b"][1], keys["a"][1]], staging_root=stage).key_id == P.key_id(keys["a"][1])
+    assert V.verify_package(nohint, [keys["b"][1], keys["a"][1]], staging_root=stage).key_id == K.key_id(keys["a"][1])
     for d in stage.iterdir():
         d.rename(tmp_path / d.name)
     assert_rejected("revoked_key", nohint, stage, [keys["a"][1]], revoked_keys=[keys["a"][1]])
@@ -429,78 +432,78 @@ def test_revocation_does_not_rely_on_the_signer_hint(pkg, keys, stage, tmp_path)
 def test_key_files(tmp_path, keys):
     priv, pub = keys["a"]
     assert stat.S_IMODE(priv.stat().st_mode) == 0o600
-    assert P.key_id(priv.with_suffix(".pub")) == P.key_id(P.load_private_key(priv)) == P.key_id(pub)
-    assert len(P.key_id(pub)) == 16 and P.key_id(pub) != P.key_id(keys["b"][1])
+    assert K.key_id(priv.with_suffix(".pub")) == K.key_id(K.load_private_key(priv)) == K.key_id(pub)
+    assert len(K.key_id(pub)) == 16 and K.key_id(pub) != K.key_id(keys["b"][1])
     with pytest.raises(UserInputError, match="exists"):
-        P.generate_keypair(priv.parent)
+        K.generate_keypair(priv.parent)
     with pytest.raises(UserInputError):
-        P.load_public_key(priv)  # a private key is not a public key file
+        K.load_public_key(priv)  # a private key is not a public key file
     with pytest.raises(UserInputError):
-        P.load_private_key(pub)
+        K.load_private_key(pub)
     with pytest.raises(UserInputError, match="not found"):
-        P.load_public_key(tmp_path / "nope.pub")
+        K.load_public_key(tmp_path / "nope.pub")
 
 
 def test_default_key_is_created_once(tmp_path):
-    path, created = P.ensure_default_key()
+    path, created = K.ensure_default_key()
     assert created and path == tmp_path / "xdg" / "prune-pack" / "signing.key"
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
-    assert P.ensure_default_key() == (path, False)
+    assert K.ensure_default_key() == (path, False)
 
 
 # ------------------------------------------------------------------ versions, validation
 
 
 def test_version_counter_increases_per_name(tmp_path):
-    assert [P.next_version("a") for _ in range(3)] == [1, 2, 3]
-    assert P.next_version("b") == 1
-    P.record_version("a", 10)
-    P.record_version("a", 5)  # never lowers
-    assert P.next_version("a") == 11
+    assert [K.next_version("a") for _ in range(3)] == [1, 2, 3]
+    assert K.next_version("b") == 1
+    K.record_version("a", 10)
+    K.record_version("a", 5)  # never lowers
+    assert K.next_version("a") == 11
     reg = tmp_path / "xdg" / "prune-pack" / "versions.json"
     assert json.loads(reg.read_text()) == {"a": 11, "b": 1}
     reg.write_text("{broken")
     with pytest.raises(UserInputError, match="corrupt"):
-        P.next_version("a")
+        K.next_version("a")
 
 
 def test_version_counter_is_locked_across_processes(tmp_path):
     reg = tmp_path / "versions.json"
     with ProcessPoolExecutor(4) as ex:
-        got = list(ex.map(P.next_version, ["m"] * 24, [reg] * 24))
+        got = list(ex.map(K.next_version, ["m"] * 24, [reg] * 24))
     assert sorted(got) == list(range(1, 25))
 
 
 def test_check_validated():
     m = manifest(precision="int8", validated=[{"backend": "ort", "precision": "int8"}, {"backend": "openvino", "precision": "fp32"}])
-    assert P.check_validated(m, "ort") == "int8"
-    assert P.check_validated(m, "openvino", "fp32") == "fp32"
+    assert M.check_validated(m, "ort") == "int8"
+    assert M.check_validated(m, "openvino", "fp32") == "fp32"
     with pytest.raises(PackageRejected) as ei:
-        P.check_validated(m, "openvino", "int8")
+        M.check_validated(m, "openvino", "int8")
     assert ei.value.reason == "not_validated"
-    assert P.check_validated(m, "openvino", "int8", force=True) == "int8"
+    assert M.check_validated(m, "openvino", "int8", force=True) == "int8"
     legacy = {"precision": "fp32"}  # no validated list: its own precision on any backend
-    assert P.check_validated(legacy, "openvino") == "fp32"
+    assert M.check_validated(legacy, "openvino") == "fp32"
     with pytest.raises(PackageRejected):
-        P.check_validated(legacy, "ort", "bf16")
+        M.check_validated(legacy, "ort", "bf16")
 
 
 def test_check_newer_refuses_replays():
     active = manifest(version=5, sha256="a" * 64)
-    P.check_newer(manifest(version=6, sha256="b" * 64), active)
-    P.check_newer(manifest(version=5, sha256="a" * 64), active)  # the same package again: idempotent
-    P.check_newer(manifest(name="other", version=1), active)  # another model: its own sequence
-    P.check_newer(manifest(version=1), None)
+    M.check_newer(manifest(version=6, sha256="b" * 64), active)
+    M.check_newer(manifest(version=5, sha256="a" * 64), active)  # the same package again: idempotent
+    M.check_newer(manifest(name="other", version=1), active)  # another model: its own sequence
+    M.check_newer(manifest(version=1), None)
     for old in (manifest(version=4, sha256="c" * 64), manifest(version=5, sha256="c" * 64)):
         with pytest.raises(PackageRejected) as ei:
-            P.check_newer(old, active)
+            M.check_newer(old, active)
         assert ei.value.reason == "older_version"
-        P.check_newer(old, active, force=True)
+        M.check_newer(old, active, force=True)
 
 
 def test_agent_import_stays_torch_free():
     code = (
-        "import sys, prune_pack.agent.package; "
+        "import sys, prune_pack.agent.package, prune_pack.agent.daemon, prune_pack.agent.commands; "
         "bad = [m for m in ('torch', 'ultralytics', 'onnx', 'prune_pack.deploy', 'prune_pack.pruning') if m in sys.modules]; "
         "sys.exit(repr(bad) if bad else 0)"
     )
@@ -516,21 +519,21 @@ def test_cli_keys_init_and_verify(tmp_path, capsys):
     assert main(["keys", "init", "--out", str(kdir), "--json"]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert stat.S_IMODE((kdir / "signing.key").stat().st_mode) == 0o600
-    assert out["key_id"] == P.key_id(kdir / "signing.pub")
+    assert out["key_id"] == K.key_id(kdir / "signing.pub")
     assert main(["keys", "init", "--out", str(kdir)]) == 2  # refuses to overwrite
     assert "exists" in capsys.readouterr().err
     assert main(["keys", "init", "--out", str(kdir), "--force"]) == 0
-    assert P.key_id(kdir / "signing.pub") != out["key_id"]
+    assert K.key_id(kdir / "signing.pub") != out["key_id"]
 
-    pkg = P.write_package(TINY, manifest(), tmp_path / "t.ppk", kdir / "signing.key")
+    pkg = W.write_package(TINY, manifest(), tmp_path / "t.ppk", kdir / "signing.key")
     capsys.readouterr()
     assert main(["verify", str(pkg), "--pubkey", str(kdir / "signing.pub"), "--json"]) == 0
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert res["ok"] and (res["name"], res["version"], res["precision"]) == ("tiny", 3, "fp32")
-    assert res["key_id"] == P.key_id(kdir / "signing.pub") and len(res["sha256"]) == 64
+    assert res["key_id"] == K.key_id(kdir / "signing.pub") and len(res["sha256"]) == 64
 
     other = tmp_path / "other"
-    P.generate_keypair(other)
+    K.generate_keypair(other)
     assert main(["verify", str(pkg), "--pubkey", str(other / "signing.pub")]) == PackageRejected.exit_code
     assert "untrusted_key" in capsys.readouterr().err
     assert main(["verify", str(pkg)]) == PackageRejected.exit_code  # no trusted keys at all
@@ -545,7 +548,7 @@ def test_cli_keys_init_and_verify(tmp_path, capsys):
 
 
 def test_cli_verify_exit_codes_as_a_process(tmp_path, keys):
-    pkg = P.write_package(TINY, manifest(), tmp_path / "t.ppk", keys["a"][0])
+    pkg = W.write_package(TINY, manifest(), tmp_path / "t.ppk", keys["a"][0])
     exe = [sys.executable, "-m", "prune_pack.cli"]
     ok = subprocess.run(exe + ["verify", str(pkg), "--pubkey", str(keys["a"][1]), "--json"], capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr

@@ -215,9 +215,9 @@ def test_profile_openvino(tiny, tmp_path):
 
 @pytest.fixture
 def package(tiny, tmp_path):
-    pkg = pytest.importorskip("prune_pack.agent.package")
-    priv, pub = pkg.generate_keypair(tmp_path / "keys")
-    out = pkg.write_package(tiny, {"name": "tiny", "version": 1, "precision": "fp32"}, tmp_path / "tiny.ppk",
+    from prune_pack.agent import keys, writer
+    priv, pub = keys.generate_keypair(tmp_path / "keys")
+    out = writer.write_package(tiny, {"name": "tiny", "version": 1, "precision": "fp32"}, tmp_path / "tiny.ppk",
                             signing_key=priv, registry=tmp_path / "reg")
     return out, pub
 
@@ -235,8 +235,8 @@ def test_profile_package_from_a_verified_copy(package, tiny, tmp_path, monkeypat
 
 def test_profile_package_rejects_an_untrusted_one(package, tmp_path):
     path, _ = package
-    pkg = pytest.importorskip("prune_pack.agent.package")
-    _, other = pkg.generate_keypair(tmp_path / "other")
+    from prune_pack.agent import keys, writer
+    _, other = keys.generate_keypair(tmp_path / "other")
     with pytest.raises(PackageRejected):
         pf.profile_model(path, threads=1, warmup=0, runs=2, trusted_keys=[other])
 
@@ -316,3 +316,66 @@ def test_cli_errors_are_one_line(tiny, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv(be.CPU_FLAGS_ENV, "avx2")
     code, _, err = _cli(capsys, "profile", str(tiny), "--precision", "bf16", "--backend", "ort")
     assert code == 2 and len(err.strip().splitlines()) == 1 and "bf16" in err
+
+
+# ---------------------------------------------------------------- own packages on the host (#19)
+
+
+def _fresh_home_cli(home, *argv: str):
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("XDG_CONFIG_HOME", "PRUNE_PACK_CONFIG")}
+    env["HOME"] = str(home)
+    code = "import sys\nfrom prune_pack.cli import main\nsys.exit(main(sys.argv[1:]))"
+    return subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, env=env, cwd=home,
+                          timeout=300)
+
+
+def test_own_package_profiles_and_verifies_without_flags_in_a_fresh_home(tiny, tmp_path):
+    """A package signed with the user's default key (created by ensure_default_key, as the build
+    does) is trusted by ``profile`` and ``verify`` with no --pubkey; a bare .onnx needs no key."""
+    import os
+    import subprocess
+    import sys
+
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "XDG_CONFIG_HOME"}
+    env["HOME"] = str(home)
+    write = ("import sys; from prune_pack.agent.keys import ensure_default_key; from prune_pack.agent.writer import write_package\n"
+             "key, created = ensure_default_key(); assert created\n"
+             "write_package(sys.argv[1], {'name': 'tiny', 'precision': 'fp32', 'version': 1}, sys.argv[2], key)")
+    pkg = home / "tiny.ppk"
+    r = subprocess.run([sys.executable, "-c", write, str(tiny), str(pkg)], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert (home / ".config" / "prune-pack" / "signing.pub").is_file()
+    r = _fresh_home_cli(home, "profile", str(pkg), "--runs", "3", "--warmup", "0", "--threads", "1", "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["model"]["signed"] is True and out["runs"] == 3
+    r = _fresh_home_cli(home, "verify", str(pkg), "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["signed"] is True, r.stderr
+    other = tmp_path / "other"
+    other.mkdir()  # another user's HOME: the same package is not trusted there
+    r = _fresh_home_cli(other, "profile", str(pkg), "--runs", "2")
+    assert r.returncode == 4 and "untrusted_key" in r.stderr
+    r = _fresh_home_cli(other, "profile", str(tiny), "--runs", "2", "--warmup", "0", "--threads", "1", "--json")
+    assert r.returncode == 0, r.stderr
+
+
+def test_unsigned_package_needs_allow_unsigned_on_the_host(tiny, tmp_path):
+    from prune_pack.agent.writer import write_package
+
+    home = tmp_path / "home"
+    home.mkdir()
+    pkg = write_package(tiny, {"name": "tiny", "precision": "fp32", "version": 1}, tmp_path / "u.ppk", None)
+    for cmd in ("profile", "verify"):
+        r = _fresh_home_cli(home, cmd, str(pkg))
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 4 and len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+        assert "unsigned" in lines[0] and "--allow-unsigned" in lines[0]
+    r = _fresh_home_cli(home, "profile", str(pkg), "--allow-unsigned", "--runs", "2", "--warmup", "0", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout.strip().splitlines()[-1])["model"]["signed"] is False

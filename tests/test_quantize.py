@@ -87,7 +87,7 @@ def small_coco(coco128_yaml, tmp_path_factory) -> Path:
 
 
 def test_int8_export_of_coco_model_gate_both_directions(coco_pt, small_coco, tmp_path):
-    from prune_pack.agent.package import verify_package
+    from prune_pack.agent.verifier import verify_package
 
     reg = tmp_path / "versions.json"
     kw = dict(imgsz=320, int8=True, data_yaml=small_coco, calib_images=8, latency_runs=0, registry=reg)
@@ -119,7 +119,7 @@ def test_rectangular_int8_package_runs_on_the_agent_at_its_own_shape(coco_pt, sm
 
     from prune_pack.agent.backends import load_session
     from prune_pack.agent.detect import Detector
-    from prune_pack.agent.package import verify_package
+    from prune_pack.agent.verifier import verify_package
 
     r = export_package(coco_pt, tmp_path / "rect.ppk", imgsz=(256, 320), int8=True, data_yaml=small_coco, calib_images=8,
                        max_map_drop=0.5, latency_runs=0, registry=tmp_path / "versions.json")

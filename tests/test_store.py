@@ -12,7 +12,7 @@ import pytest
 
 from test_mqtt_helpers import package
 
-from prune_pack.agent.package import verify_package
+from prune_pack.agent.verifier import verify_package
 from prune_pack.agent.store import ModelStore, StoreError
 
 
@@ -79,7 +79,7 @@ def test_open_falls_back_when_active_is_corrupt(tmp_path, pkgs):
 
 CHILD = textwrap.dedent("""
     import os, signal, sys
-    from prune_pack.agent.package import verify_package
+    from prune_pack.agent.verifier import verify_package
     from prune_pack.agent.store import ModelStore
     state, pkg, pub, point = sys.argv[1:5]
     def hook(name):
