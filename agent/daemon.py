@@ -45,6 +45,7 @@ from prune_pack.agent.mqtt import SCHEMA_DETECTIONS, SCHEMA_RESULT, SCHEMA_TELEM
 from prune_pack.agent.settings import (
     AgentSection,
     DeviceSection,
+    HomeAssistantSection,
     InferenceSection,
     MqttSection,
     ProfileSection,
@@ -138,8 +139,11 @@ def _temperature_c() -> Optional[float]:
 
 class Daemon:
     def __init__(self, device: DeviceSection, mqtt: MqttSection, agent: AgentSection, profile: ProfileSection,
-                 inference: InferenceSection, streams: Optional[list[StreamSection]] = None) -> None:
+                 inference: InferenceSection, streams: Optional[list[StreamSection]] = None,
+                 homeassistant: Optional[HomeAssistantSection] = None) -> None:
         self.device, self.mqtt, self.agent = device, mqtt, agent
+        self.homeassistant = homeassistant
+        self.discovery: Any = None  # agent.discovery.Discovery when homeassistant.discovery is on
         self.profile_cfg, self.inference, self.stream_cfgs = profile, inference, list(streams or [])
         self.state_dir = Path(agent.state_dir)
         self.store = ModelStore(self.state_dir)
@@ -160,7 +164,8 @@ class Daemon:
 
     @classmethod
     def from_config(cls, cfg: Any) -> "Daemon":
-        return cls(cfg.device, cfg.mqtt, cfg.agent, cfg.profile, cfg.inference, cfg.streams)
+        return cls(cfg.device, cfg.mqtt, cfg.agent, cfg.profile, cfg.inference, cfg.streams,
+                   getattr(cfg, "homeassistant", None))
 
     # ------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -173,6 +178,12 @@ class Daemon:
             log.warning("store recovery: %s", note)
         # Credentials and broker URL are checked before the (possibly slow) model load.
         self.link = MqttLink(self.device, self.mqtt, self.state_dir, self._enqueue, self._status_fields)
+        ha = self.homeassistant
+        if ha is not None and ha.discovery and self.link.enabled:
+            from prune_pack.agent.discovery import Discovery
+
+            self.discovery = Discovery(self.link, ha.prefix, [s.name for s in self.stream_cfgs],
+                                       lambda: self._model_info(self.store.active))
         self._load_initial()
         for name, q in (("cmd-fast", self._fast), ("cmd-slow", self._slow)):
             t = threading.Thread(target=self._worker, args=(q,), name=name, daemon=True)
@@ -291,6 +302,8 @@ class Daemon:
                 self.streams.swap(m.model_path, _names(m.manifest))
         if self.link is not None:
             self.link.republish_status()
+        if self.discovery is not None:  # the device's model shown in Home Assistant
+            self.discovery.publish()
         sd_notify(f"STATUS=serving {self._model_label()}")
 
     def _model_label(self) -> str:

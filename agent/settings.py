@@ -105,3 +105,9 @@ class AgentSection:
     fetch_allowed_hosts: list[str] = field(default_factory=list)  # url deploys: host or host:port; none by default
     fetch_timeout_s: float = 300.0  # one deadline for a whole download
     watchdog: bool = True  # send systemd WATCHDOG=1 from the working loop when NOTIFY_SOCKET is set
+
+
+@dataclass
+class HomeAssistantSection:
+    discovery: bool = False  # publish Home Assistant MQTT discovery for this agent (opt-in; docs/mqtt.md)
+    prefix: str = "homeassistant"  # Home Assistant's discovery prefix (its MQTT integration's discovery_prefix)

@@ -26,6 +26,7 @@ from prune_pack.agent.settings import (
 )
 from prune_pack.deploy.settings import BuildSection, ExportSection, FinetuneSection, PruneSection
 from prune_pack.deploy.settings import DashboardSection, ExporterSection
+from prune_pack.agent.settings import HomeAssistantSection
 from prune_pack.errors import ConfigError
 
 
@@ -37,6 +38,7 @@ class Config:
     profile: ProfileSection = field(default_factory=ProfileSection)
     inference: InferenceSection = field(default_factory=InferenceSection)
     streams: list[StreamSection] = field(default_factory=list)
+    homeassistant: HomeAssistantSection = field(default_factory=HomeAssistantSection)
     prune: PruneSection = field(default_factory=PruneSection)
     finetune: FinetuneSection = field(default_factory=FinetuneSection)
     export: ExportSection = field(default_factory=ExportSection)
