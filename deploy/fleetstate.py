@@ -85,8 +85,10 @@ class Device:
 class FleetState:
     """Thread-safe; ``on_message(topic, payload)`` is called from paho's network thread."""
 
-    def __init__(self, prefix: str = "prunepack", on_change: Optional[Callable[[Device], None]] = None) -> None:
+    def __init__(self, prefix: str = "prunepack", on_change: Optional[Callable[[Device], None]] = None,
+                 history_points: int = HISTORY_POINTS) -> None:
         self.prefix = prefix
+        self.history_points = history_points
         self.on_change = on_change
         self.lock = threading.Lock()
         self.devices: dict[tuple[str, str], Device] = {}
@@ -134,8 +136,7 @@ class FleetState:
         self._remember(dev, body)
         return True
 
-    @staticmethod
-    def _remember(dev: Device, body: dict) -> None:
+    def _remember(self, dev: Device, body: dict) -> None:
         """Chart points: the device's window p95 and the p95 of the frames since the previous message
         (from the histogram's increase, as Prometheus would compute it)."""
         ts = _int(body.get("ts_ms")) / 1000
@@ -151,7 +152,7 @@ class FleetState:
                 recent = round(q * 1000, 2) if q is not None else None
             dev._prev_hist[name] = (counts, count)
             p95 = (s.get("latency_ms") or {}).get("p95")
-            dev.history.setdefault(name, deque(maxlen=HISTORY_POINTS)).append((ts, p95, recent))
+            dev.history.setdefault(name, deque(maxlen=self.history_points)).append((ts, p95, recent))
 
     def snapshot(self) -> list[Device]:
         """Copies of the devices, sorted by site/device (safe to read without the lock)."""

@@ -35,6 +35,7 @@ HANDLERS: dict[str, tuple[str, str, bool]] = {
     "devices": ("prune_pack.deploy.remote", "cli_devices", False),
     "agent run": ("prune_pack.agent.daemon", "cli_agent_run", False),
     "exporter": ("prune_pack.deploy.exporter", "cli_exporter", False),
+    "dashboard": ("prune_pack.deploy.dashboard", "cli_dashboard", False),
     "config check": ("prune_pack.cli", "cli_config_check", False),
 }
 
@@ -165,6 +166,10 @@ def build_parser() -> argparse.ArgumentParser:
     ex = sub.add_parser("exporter", parents=[common], help="one Prometheus /metrics for the fleet, fed by MQTT")
     ex.add_argument("--broker", metavar="URL", help="MQTT broker URL (overrides the config)")
     ex.add_argument("--listen", metavar="HOST:PORT", help="where /metrics is served (exporter.listen, default 127.0.0.1:9108)")
+
+    db = sub.add_parser("dashboard", parents=[common], help="a live fleet page in the browser, fed by MQTT")
+    db.add_argument("--broker", metavar="URL", help="MQTT broker URL (overrides the config)")
+    db.add_argument("--listen", metavar="HOST:PORT", help="where the page is served (dashboard.listen, default 127.0.0.1:8108)")
 
     a = sub.add_parser("agent", help="the device daemon")
     asub = a.add_subparsers(dest="agent_command", metavar="ACTION", parser_class=_Parser)
