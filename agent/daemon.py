@@ -144,6 +144,8 @@ class Daemon:
         self.device, self.mqtt, self.agent = device, mqtt, agent
         self.homeassistant = homeassistant
         self.discovery: Any = None  # agent.discovery.Discovery when homeassistant.discovery is on
+        self.last_telemetry: Optional[dict] = None
+        self._metrics_httpd: Any = None  # agent.metrics_listen: this agent's own /metrics
         self.profile_cfg, self.inference, self.stream_cfgs = profile, inference, list(streams or [])
         self.state_dir = Path(agent.state_dir)
         self.store = ModelStore(self.state_dir)
@@ -189,6 +191,10 @@ class Daemon:
             t = threading.Thread(target=self._worker, args=(q,), name=name, daemon=True)
             t.start()
             self._workers.append(t)
+        if self.agent.metrics_listen:
+            from prune_pack.agent.prom import AgentCollector, serve
+
+            self._metrics_httpd = serve(self.agent.metrics_listen, AgentCollector(self))
         self.link.start()
         if self.stream_cfgs and self.session is not None:
             self._start_streams()
@@ -259,6 +265,10 @@ class Daemon:
         if self.link is not None:
             self.link.stop()
             self.link = None
+        if self._metrics_httpd is not None:
+            self._metrics_httpd.shutdown()
+            self._metrics_httpd.server_close()
+            self._metrics_httpd = None
 
     # ------------------------------------------------------------ model handling
     def _load(self, m: StoredModel, precision: Optional[str] = None) -> tuple[Any, str]:
@@ -357,11 +367,17 @@ class Daemon:
         return body
 
     def _send_telemetry(self) -> None:
-        if self.link is None or not self.link.enabled:
+        link = self.link
+        if (link is None or not link.enabled) and self._metrics_httpd is None:
             return
         try:
-            msg = self.link.envelope(SCHEMA_TELEMETRY, **self.telemetry())
-            self.link.send(self.link.topics.telemetry, msg, qos=0, retain=True)
+            body = self.telemetry()
+            if link is not None and link.enabled:
+                msg = link.envelope(SCHEMA_TELEMETRY, **body)
+                link.send(link.topics.telemetry, msg, qos=0, retain=True)
+            else:
+                msg = {**body, "ts_ms": int(time.time() * 1000)}
+            self.last_telemetry = msg  # what the agent's own /metrics shows (agent.prom)
         except Exception as e:  # noqa: BLE001 - never let telemetry stop the working loop
             log.warning("telemetry failed: %s", e)
 

@@ -105,6 +105,9 @@ class AgentSection:
     fetch_allowed_hosts: list[str] = field(default_factory=list)  # url deploys: host or host:port; none by default
     fetch_timeout_s: float = 300.0  # one deadline for a whole download
     watchdog: bool = True  # send systemd WATCHDOG=1 from the working loop when NOTIFY_SOCKET is set
+    # HOST:PORT of this agent's own Prometheus /metrics (sites that scrape devices directly); None = off.
+    # Needs prometheus-client: pip install 'prune-pack[metrics]'
+    metrics_listen: Optional[str] = None
 
 
 @dataclass

@@ -16,114 +16,26 @@ import logging
 import threading
 import time
 import uuid
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator
 
-from prune_pack.deploy.fleetstate import STATES, Device, FleetState, connect_fleet
+from prune_pack.deploy.fleetstate import FleetState, connect_fleet
 
 log = logging.getLogger("prune_pack.deploy.exporter")
 
-DEV = ("site", "device")
-STREAM = ("site", "device", "stream")
-
-
-def _num(v: Any) -> Optional[float]:
-    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
-
-
 class FleetCollector:
-    """A prometheus-client collector that renders ``FleetState`` at scrape time."""
+    """A prometheus-client collector that renders ``FleetState`` at scrape time (names: ``agent.prom``)."""
 
     def __init__(self, state: FleetState, client: Any = None) -> None:
         self.state, self.client = state, client
 
     def collect(self) -> Iterator[Any]:
-        from prometheus_client.core import (
-            CounterMetricFamily,
-            GaugeMetricFamily,
-            HistogramMetricFamily,
-            InfoMetricFamily,
-        )
+        from prune_pack.agent.prom import Families
 
-        g = {n: GaugeMetricFamily(f"prunepack_{n}", h, labels=list(lab)) for n, h, lab in (
-            ("device_up", "1 when the device's retained status is online", DEV),
-            ("device_state", "1 for the device's current state (online, offline, lost, unknown)", DEV + ("state",)),
-            ("latency_target_seconds", "the active package's latency target (p95)", DEV),
-            ("last_telemetry_timestamp_seconds", "device clock (ts_ms) of the newest telemetry taken", DEV),
-            ("cpu_percent", "agent process CPU, 100 = one core", DEV),
-            ("rss_bytes", "agent process resident memory", DEV),
-            ("outbox_pending", "messages waiting in the device's offline queue", DEV),
-            ("harvest_paused", "1 while the device's frame harvesting is paused", DEV),
-            ("stream_up", "1 while the stream delivers frames", STREAM),
-            ("stream_fps", "processed frames per second (device, last 5 s)", STREAM),
-            ("stream_input_fps", "frames read per second (device, last 5 s)", STREAM),
-            ("inference_latency_p95_seconds", "device-computed p95 over its last 256 frames (for humans)", STREAM),
-        )}
-        c = {n: CounterMetricFamily(f"prunepack_{n}", h, labels=list(lab)) for n, h, lab in (
-            ("frames_read", "frames read from the source", STREAM),
-            ("frames_processed", "frames run through the model", STREAM),
-            ("frames_dropped", "frames dropped, by reason", STREAM + ("reason",)),
-            ("detections", "detections, by class name", STREAM + ("class",)),
-        )}
-        hist = HistogramMetricFamily("prunepack_inference_latency_seconds",
-                                     "inference latency per frame (preprocess + model + NMS)", labels=list(STREAM))
-        info = InfoMetricFamily("prunepack_model", "the active model of each device",
-                                labels=list(DEV))
+        fam = Families()
         for d in self.state.snapshot():
-            self._device(d, g, c, hist, info)
-        yield from g.values()
-        yield from c.values()
-        yield hist
-        yield info
+            fam.add_device(d.site, d.device, d.state, d.model, d.telemetry)
+        yield from fam
         yield from self._own()
-
-    @staticmethod
-    def _device(d: Device, g: dict, c: dict, hist: Any, info: Any) -> None:
-        dl = [d.site, d.device]
-        g["device_up"].add_metric(dl, 1.0 if d.state == "online" else 0.0)
-        for s in STATES:
-            g["device_state"].add_metric(dl + [s], 1.0 if d.state == s else 0.0)
-        m = d.model
-        if m:
-            info.add_metric(dl, {k: str(m.get(k, "")) for k in ("name", "version", "sha256", "precision", "backend")})
-        if d.target_ms:
-            g["latency_target_seconds"].add_metric(dl, float(d.target_ms) / 1000)
-        t = d.telemetry
-        if not t:
-            return
-        g["last_telemetry_timestamp_seconds"].add_metric(dl, (_num(t.get("ts_ms")) or 0) / 1000)
-        for name, key, scale in (("cpu_percent", "cpu_percent", 1.0), ("rss_bytes", "rss_mb", 2.0 ** 20)):
-            if _num(t.get(key)) is not None:
-                g[name].add_metric(dl, _num(t[key]) * scale)  # type: ignore[operator]
-        if isinstance(t.get("queue"), dict) and _num(t["queue"].get("pending")) is not None:
-            g["outbox_pending"].add_metric(dl, _num(t["queue"]["pending"]))
-        harvest = t.get("harvest")
-        if isinstance(harvest, dict) and isinstance(harvest.get("paused"), bool):
-            g["harvest_paused"].add_metric(dl, 1.0 if harvest["paused"] else 0.0)
-        started = _num((t.get("inference") or {}).get("started_ts_ms"))
-        created = started / 1000 if started else None
-        for s in d.streams():
-            sl = dl + [s["stream"]]
-            g["stream_up"].add_metric(sl, 1.0 if s.get("state") == "up" else 0.0)
-            for name, key in (("stream_fps", "processed_fps"), ("stream_input_fps", "input_fps")):
-                if _num(s.get(key)) is not None:
-                    g[name].add_metric(sl, _num(s[key]))
-            p95 = _num((s.get("latency_ms") or {}).get("p95"))
-            if p95 is not None:
-                g["inference_latency_p95_seconds"].add_metric(sl, p95 / 1000)
-            for name, key in (("frames_read", "frames_read"), ("frames_processed", "frames_processed")):
-                if _num(s.get(key)) is not None:
-                    c[name].add_metric(sl, _num(s[key]), created=created)
-            for reason, n in (s.get("dropped_by_reason") or {}).items():
-                if _num(n) is not None:
-                    c["frames_dropped"].add_metric(sl + [str(reason)], _num(n), created=created)
-            for cls, n in (s.get("detections_by_class") or {}).items():
-                if _num(n) is not None:
-                    c["detections"].add_metric(sl + [str(cls)], _num(n), created=created)
-            h = s.get("latency_seconds")
-            if isinstance(h, dict) and len(h.get("bounds") or []) == len(h.get("counts") or []):
-                buckets = [(_le(b), float(n)) for b, n in zip(h["bounds"], h["counts"])]
-                buckets.append(("+Inf", float(h.get("count") or 0)))
-                hist.add_metric(sl, buckets, sum_value=float(h.get("sum") or 0.0))
 
     def _own(self) -> Iterator[Any]:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -137,11 +49,6 @@ class FleetCollector:
         up = GaugeMetricFamily("prunepack_exporter_broker_connected", "1 while the exporter is connected to the broker")
         up.add_metric([], 1.0 if self.client is not None and self.client.connected.is_set() else 0.0)
         yield up
-
-
-def _le(bound: Any) -> str:
-    """Prometheus' ``le`` text of a bound, the same for every device (0.005 -> "0.005")."""
-    return repr(float(bound))
 
 
 def parse_listen(listen: str) -> tuple[str, int]:

@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 from prune_pack.agent.metrics import histogram_quantile
+from prune_pack.agent.prom import STATES, streams_of
 
 HISTORY_POINTS = 720  # latency points kept per stream for the live page's chart
-STATES = ("online", "offline", "lost", "unknown")
 
 
 @dataclass
@@ -57,10 +57,7 @@ class Device:
         return m.get("target_ms")
 
     def streams(self) -> list[dict]:
-        s = self.telemetry.get("streams") or []
-        if isinstance(s, dict):  # telemetry/1: an object keyed by stream name
-            return [{"stream": k, **v} for k, v in s.items() if isinstance(v, dict)]
-        return [x for x in s if isinstance(x, dict) and isinstance(x.get("stream"), str)]
+        return streams_of(self.telemetry)  # telemetry/2's list, or telemetry/1's object keyed by name
 
     def row(self, now_s: Optional[float] = None) -> dict[str, Any]:
         """One line of the fleet table (the live page's JSON)."""

@@ -239,3 +239,37 @@ def _try_get(url: str) -> str:
         return http_get(url, 1.0)
     except OSError:
         return ""
+
+
+def test_agent_own_metrics_endpoint(broker, tmp_path):
+    """``agent.metrics_listen``: the agent serves its own /metrics with the exporter's names."""
+    from conftest import free_port
+    from fleet_helpers import device_config, deploy, target_package
+    from test_mqtt_helpers import InProcessDaemon
+
+    promtool = need_binary("promtool", "prometheus")
+    port = free_port()
+    cfg = device_config(tmp_path, broker, "lab", "self-scraped")
+    cfg["agent"]["metrics_listen"] = f"127.0.0.1:{port}"
+    d = InProcessDaemon(cfg)
+    try:
+        wait_until(lambda: d.daemon.link.connected, 20, "the agent to connect")
+        deploy(broker, tmp_path, "lab", "self-scraped", target_package(tmp_path))
+        lab = 'device="self-scraped",site="lab"'
+        count = re.compile(rf'^prunepack_inference_latency_seconds_count{{{lab},stream="cam1"}} (\S+)$', re.M)
+
+        def text_with_frames() -> str:
+            t = _try_get(f"http://127.0.0.1:{port}/metrics")
+            m = count.search(t)
+            return t if m and float(m.group(1)) >= 3 else ""
+
+        text = wait_until(text_with_frames, 30, "3 frames in the agent's own histogram")
+        r = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=30)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert f"prunepack_device_up{{{lab}}} 1.0" in text
+        assert f"prunepack_latency_target_seconds{{{lab}}} {TARGET_MS / 1000}" in text
+        assert re.search(rf'^prunepack_frames_processed_total{{{lab},stream="cam1"}} [1-9]', text, re.M)
+    finally:
+        d.stop()
+    with pytest.raises(OSError):  # stopped with the agent
+        http_get(f"http://127.0.0.1:{port}/metrics", 1.0)
