@@ -40,7 +40,8 @@ def fleet_view(state: FleetState, device: Optional[str] = None) -> dict[str, Any
             models[label] = models.get(label, 0) + 1
     view: dict[str, Any] = {"ts": now, "devices": rows,
                             "rollout": [{"model": k, "devices": n} for k, n in sorted(models.items())]}
-    chosen = next((d for d in devices if d.key == device), devices[0] if devices else None)
+    key = device if any(d.key == device for d in devices) else (devices[0].key if devices else None)
+    chosen = state.get(key) if key else None  # the one device whose history is copied
     if chosen is not None:
         view["chart"] = _chart(chosen)
     return view

@@ -66,7 +66,7 @@ class Exporter:
 
     def __init__(self, mqtt: Any, listen: str = "127.0.0.1:9108") -> None:
         self.mqtt, self.listen = mqtt, listen
-        self.state = FleetState(mqtt.prefix)
+        self.state = FleetState(mqtt.prefix, history_points=0)  # no charts here
         self.client: Any = None
         self.httpd: Any = None
         self.port = 0

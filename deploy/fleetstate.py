@@ -14,6 +14,7 @@ Ordering rules (docs/mqtt.md, "Envelope" and "Offline queue"):
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import threading
 import time
@@ -135,7 +136,9 @@ class FleetState:
 
     def _remember(self, dev: Device, body: dict) -> None:
         """Chart points: the device's window p95 and the p95 of the frames since the previous message
-        (from the histogram's increase, as Prometheus would compute it)."""
+        (from the histogram's increase, as Prometheus would compute it); none with ``history_points`` 0."""
+        if self.history_points <= 0:
+            return
         ts = _int(body.get("ts_ms")) / 1000
         for s in dev.streams():
             name = s["stream"]
@@ -152,19 +155,20 @@ class FleetState:
             dev.history.setdefault(name, deque(maxlen=self.history_points)).append((ts, p95, recent))
 
     def snapshot(self) -> list[Device]:
-        """Copies of the devices, sorted by site/device (safe to read without the lock)."""
-        import copy
-
+        """The devices sorted by site/device, without their chart history. Shallow copies are safe:
+        an update replaces ``status`` / ``telemetry`` with new objects, it never changes them."""
         with self.lock:
-            return [copy.deepcopy(d) for _, d in sorted(self.devices.items())]
+            return [dataclasses.replace(d, history={}, _prev_hist={}) for _, d in sorted(self.devices.items())]
 
     def get(self, key: str) -> Optional[Device]:
-        import copy
-
+        """One device (``site/device``) with a copy of its chart history, or None."""
         site, _, device = key.partition("/")
         with self.lock:
             d = self.devices.get((site, device))
-            return copy.deepcopy(d) if d else None
+            if d is None:
+                return None
+            return dataclasses.replace(d, history={s: deque(q, maxlen=q.maxlen) for s, q in d.history.items()},
+                                       _prev_hist={})
 
 
 def _int(v: Any) -> int:
