@@ -101,11 +101,12 @@ class Families:
         paused = _harvest_paused(telemetry.get("harvest"))
         if paused is not None:
             g["harvest_paused"].add_metric(dl, 1.0 if paused else 0.0)
-        started = num((telemetry.get("inference") or {}).get("started_ts_ms"))
         for s in streams_of(telemetry):
-            self._stream(dl + [s["stream"]], s, started / 1000 if started else None)
+            self._stream(dl + [s["stream"]], s)
 
-    def _stream(self, sl: list[str], s: dict, created: Optional[float]) -> None:
+    def _stream(self, sl: list[str], s: dict) -> None:
+        # No ``_created`` series: in the text format they are one more series per counter, and Prometheus
+        # finds an agent restart from the counters' reset anyway.
         g, c = self.g, self.c
         g["stream_up"].add_metric(sl, 1.0 if s.get("state") == "up" else 0.0)
         for name, key in (("stream_fps", "processed_fps"), ("stream_input_fps", "input_fps")):
@@ -116,12 +117,12 @@ class Families:
             g["inference_latency_p95_seconds"].add_metric(sl, p95 / 1000)
         for key in ("frames_read", "frames_processed"):
             if num(s.get(key)) is not None:
-                c[key].add_metric(sl, num(s[key]), created=created)
+                c[key].add_metric(sl, num(s[key]))
         for label, family, key in (("reason", "frames_dropped", "dropped_by_reason"),
                                    ("class", "detections", "detections_by_class")):
             for k, n in (s.get(key) or {}).items():
                 if num(n) is not None:
-                    c[family].add_metric(sl + [str(k)], num(n), created=created)
+                    c[family].add_metric(sl + [str(k)], num(n))
         h = s.get("latency_seconds")
         if isinstance(h, dict) and len(h.get("bounds") or []) == len(h.get("counts") or []):
             buckets = [(le_text(b), float(n)) for b, n in zip(h["bounds"], h["counts"])]

@@ -5,9 +5,9 @@ serves what the retained status and the newest telemetry of every device say
 (``deploy.fleetstate`` decides what is newest: replays never move a value backwards). Metric
 names and labels are the contract of ``monitoring/`` (alert rules and the Grafana dashboard).
 
-Counters and the latency histogram are the device's own cumulative values, passed through with
-their start time as ``_created``; they restart from zero when an agent restarts, which
-Prometheus' ``rate()`` and ``increase()`` treat as a counter reset.
+Counters and the latency histogram are the device's own cumulative values, passed through; they
+restart from zero when an agent restarts, which Prometheus' ``rate()`` and ``increase()`` treat as
+a counter reset.
 """
 
 from __future__ import annotations
