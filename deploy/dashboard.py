@@ -6,8 +6,8 @@ fleet table to every open page with server-sent events (``/events``), at most ev
 ``PUSH_INTERVAL_S`` and only when something changed (plus a heartbeat, so ages move). The page
 (``deploy/static/``: one HTML file, one script, uPlot vendored from npm, no build step) shows
 state (online / offline / lost), model and version, p95 vs target, fps, drops, CPU/RSS and last
-seen per device, one device's latency over time against its target, and the models in the
-fleet (rollout progress).
+seen per device, one device's latency over time against its target, the models in the fleet, and
+``prune-pack rollout``'s progress (its retained ``{prefix}/_rollout/{ID}`` state).
 """
 
 from __future__ import annotations
@@ -39,7 +39,8 @@ def fleet_view(state: FleetState, device: Optional[str] = None) -> dict[str, Any
             label = f"{r['model']} v{r['version']}"
             models[label] = models.get(label, 0) + 1
     view: dict[str, Any] = {"ts": now, "devices": rows,
-                            "rollout": [{"model": k, "devices": n} for k, n in sorted(models.items())]}
+                            "rollout": [{"model": k, "devices": n} for k, n in sorted(models.items())],
+                            "rollouts": sorted(state.rollout_list(), key=lambda r: -(r["ts_ms"] or 0))[:3]}
     key = device if any(d.key == device for d in devices) else (devices[0].key if devices else None)
     chosen = state.get(key) if key else None  # the one device whose history is copied
     if chosen is not None:
@@ -74,7 +75,7 @@ class Dashboard:
         self.thread: Optional[threading.Thread] = None
         self.port = 0
 
-    def _changed(self, dev: Device) -> None:
+    def _changed(self, dev: Optional[Device]) -> None:
         with self._vlock:
             self.version += 1
 

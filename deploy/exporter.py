@@ -35,7 +35,24 @@ class FleetCollector:
         for d in self.state.snapshot():
             fam.add_device(d.site, d.device, d.state, d.model, d.telemetry)
         yield from fam
+        yield from self._rollouts()
         yield from self._own()
+
+    def _rollouts(self) -> Iterator[Any]:
+        """``prune-pack rollout`` progress from its retained ``{prefix}/_rollout/{ID}`` state."""
+        from prometheus_client.core import GaugeMetricFamily
+
+        running = GaugeMetricFamily("prunepack_rollout_running", "1 while the rollout runs (or aborts)",
+                                    labels=["rollout", "package", "version"])
+        devices = GaugeMetricFamily("prunepack_rollout_devices", "devices of the rollout, by phase",
+                                    labels=["rollout", "phase"])
+        for r in self.state.rollout_list():
+            running.add_metric([r["id"], str(r["package"]), str(r["version"])],
+                               1.0 if r["state"] in ("running", "aborting") else 0.0)
+            for phase, n in r["phases"].items():
+                devices.add_metric([r["id"], phase], float(n))
+        yield running
+        yield devices
 
     def _own(self) -> Iterator[Any]:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily

@@ -25,6 +25,7 @@ from typing import Any, Callable, Optional
 from prune_pack.agent.metrics import histogram_quantile
 from prune_pack.agent.prom import STATES, streams_of
 
+ROLLOUT_LEVEL = "_rollout"  # {prefix}/_rollout/{ID}: three levels, never a device topic (docs/mqtt.md)
 HISTORY_POINTS = 720  # latency points kept per stream for the live page's chart
 
 
@@ -83,17 +84,21 @@ class Device:
 class FleetState:
     """Thread-safe; ``on_message(topic, payload)`` is called from paho's network thread."""
 
-    def __init__(self, prefix: str = "prunepack", on_change: Optional[Callable[[Device], None]] = None,
+    def __init__(self, prefix: str = "prunepack", on_change: Optional[Callable[[Optional[Device]], None]] = None,
                  history_points: int = HISTORY_POINTS) -> None:
         self.prefix = prefix
         self.history_points = history_points
         self.on_change = on_change
         self.lock = threading.Lock()
         self.devices: dict[tuple[str, str], Device] = {}
+        self.rollouts: dict[str, dict] = {}
         self.counts = {"accepted": 0, "older_ignored": 0, "invalid": 0, "other": 0}
 
     def on_message(self, topic: str, payload: bytes) -> Optional[Device]:
         parts = topic.split("/")
+        if len(parts) == 3 and parts[0] == self.prefix and parts[1] == ROLLOUT_LEVEL:
+            self._rollout(parts[2], payload)
+            return None
         if len(parts) != 4 or parts[0] != self.prefix or parts[3] not in ("status", "telemetry"):
             with self.lock:
                 self.counts["other"] += 1  # detections, commands, answers: not fleet state
@@ -115,6 +120,37 @@ class FleetState:
         if taken and self.on_change is not None:
             self.on_change(dev)
         return dev if taken else None
+
+    def _rollout(self, rid: str, payload: bytes) -> None:
+        """``{prefix}/_rollout/{ID}`` (retained ``rollout-state/1`` of ``prune-pack rollout``; empty = gone)."""
+        try:
+            body = json.loads(payload) if payload else None
+        except ValueError:
+            body = None
+        with self.lock:
+            if isinstance(body, dict) and body.get("schema", "").startswith("rollout-state/"):
+                self.rollouts[rid] = body
+                self.counts["accepted"] += 1
+            else:
+                self.rollouts.pop(rid, None)
+                self.counts["invalid" if payload else "accepted"] += 1
+        if self.on_change is not None:
+            self.on_change(None)
+
+    def rollout_list(self) -> list[dict]:
+        """Every known rollout: id, state, package, gate, and devices per phase (from its device map)."""
+        with self.lock:
+            items = sorted(self.rollouts.items())
+        out = []
+        for rid, b in items:
+            phases: dict[str, int] = {}
+            for ph in (b.get("devices") or {}).values():
+                phases[str(ph)] = phases.get(str(ph), 0) + 1
+            pkg = b.get("package") or {}
+            out.append({"id": rid, "state": b.get("state"), "package": pkg.get("name"), "version": pkg.get("version"),
+                        "gate_p95_ms": b.get("gate_p95_ms"), "phases": dict(sorted(phases.items())),
+                        "devices": sum(phases.values()), "ts_ms": b.get("ts_ms")})
+        return out
 
     @staticmethod
     def _status(dev: Device, body: dict) -> bool:

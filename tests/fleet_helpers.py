@@ -166,3 +166,23 @@ class Prometheus:
                 self.proc.kill()
                 self.proc.wait(5)
         self.log.close()
+
+
+def publish_rollout_state(broker: Any, rid: str, devices: dict[str, str], state: str = "running") -> dict:
+    """A retained ``{prefix}/_rollout/{ID}`` state as ``prune-pack rollout`` publishes it (docs/mqtt.md)."""
+    import paho.mqtt.client as paho
+
+    body = {"schema": "rollout-state/1", "id": rid, "state": state, "by": "ops@host",
+            "package": {"name": "tiny", "version": 2, "sha256": "b" * 64}, "gate_p95_ms": TARGET_MS,
+            "started_ts_ms": int(time.time() * 1000) - 60_000, "ts_ms": int(time.time() * 1000), "why": "",
+            "counts": {}, "devices": devices}
+    for ph in devices.values():
+        body["counts"][ph] = body["counts"].get(ph, 0) + 1
+    c = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=f"rollout-{rid}")
+    c.username_pw_set("host", broker.users["host"])
+    c.connect(broker.host, broker.port)
+    c.loop_start()
+    c.publish(f"prunepack/_rollout/{rid}", json.dumps(body), qos=1, retain=True).wait_for_publish(5)
+    c.disconnect()
+    c.loop_stop()
+    return body

@@ -10,7 +10,16 @@ import shutil
 import time
 
 from browser import Chromium
-from fleet_helpers import TARGET_MS, deploy, device_config, host_mqtt, start_agents, target_package, wait_until
+from fleet_helpers import (
+    TARGET_MS,
+    deploy,
+    device_config,
+    host_mqtt,
+    publish_rollout_state,
+    start_agents,
+    target_package,
+    wait_until,
+)
 from test_mqtt_helpers import DaemonProcess, Watcher
 
 KEEPALIVE_S = 5
@@ -54,6 +63,12 @@ def test_dashboard_in_headless_chromium(broker, tmp_path):
                      if t == "prunepack/lab/dev1/telemetry" for s in b["streams"] if s["latency_ms"]["p95"] is not None}
         assert changed.split(" /")[0] in published, (changed, sorted(published)[:5])
 
+        # the rollout in progress, from prune-pack rollout's retained state
+        publish_rollout_state(broker, "r7", {"lab/dev1": "passed", "lab/dev2": "deployed", "line3/cam-pc": "pending"})
+        text = wait_until(lambda: browser.eval("document.querySelector('#rollouts [data-rollout=r7]')?.textContent"),
+                          10, "the rollout on the page")
+        assert text == "r7 (running): tiny v2 to 3 devices, gate p95 <= 40 ms: deployed 1, passed 1, pending 1", text
+
         # the chart: the selected device, one p95 series per stream plus the target line
         wait_until(lambda: browser.eval("typeof plot !== 'undefined' && plot !== null && plot.data[0].length >= 2"),
                    20, "the latency chart")
@@ -84,7 +99,8 @@ def test_dashboard_in_headless_chromium(broker, tmp_path):
             d.stop()
         db.stop()
         w.close()
-    assert not w.invalid, w.invalid
+    device_invalid = [x for x in w.invalid if "/_rollout/" not in x]  # the host's rollout state is not a device message
+    assert not device_invalid, device_invalid
 
 
 def test_cli_dashboard_serves_page_api_and_stops_on_sigterm(broker, tmp_path):

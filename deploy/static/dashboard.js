@@ -63,6 +63,22 @@ function renderRollout(rollout) {
   }
 }
 
+function renderRollouts(rollouts) {
+  const el = document.getElementById("rollouts");
+  el.replaceChildren();
+  el.className = rollouts.length ? "" : "empty";
+  if (!rollouts.length) { el.textContent = "none"; return; }
+  for (const r of rollouts) {
+    const div = document.createElement("div");
+    div.dataset.rollout = r.id;
+    div.className = r.state === "running" || r.state === "aborting" ? "running" : "";
+    const phases = Object.entries(r.phases).map(([p, n]) => `${p} ${n}`).join(", ");
+    const gate = r.gate_p95_ms ? `, gate p95 <= ${r.gate_p95_ms} ms` : "";
+    div.textContent = `${r.id} (${r.state}): ${r.package} v${r.version} to ${r.devices} devices${gate}: ${phases}`;
+    el.appendChild(div);
+  }
+}
+
 const COLORS = ["#1565c0", "#6a1b9a", "#ef6c00", "#00838f", "#558b2f"];
 
 function renderChart(chart) {
@@ -91,6 +107,7 @@ function connect() {
     if (!selected && view.chart) selected = view.chart.device;
     renderTable(view.devices);
     renderRollout(view.rollout);
+    renderRollouts(view.rollouts || []);
     renderChart(view.chart);
     document.body.dataset.updates = String(Number(document.body.dataset.updates || 0) + 1);
   });
