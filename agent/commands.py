@@ -40,8 +40,8 @@ Lane = Literal["fast", "slow"]
 JsonType = Literal["string", "boolean", "integer", "number"]
 # Modules (besides agent/daemon.py) that declare commands; the daemon imports them at start.
 COMMAND_MODULES: tuple[str, ...] = ()
-# Fields every request may carry besides its arguments.
-COMMON_FIELDS = ("request_id",)
+# Fields every request may carry besides its arguments (auth: the command signature, agent.cmdauth).
+COMMON_FIELDS = ("request_id", "auth")
 
 _PY_TYPES: dict[str, tuple[type, ...]] = {"string": (str,), "boolean": (bool,), "integer": (int,), "number": (int, float)}
 

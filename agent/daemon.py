@@ -19,14 +19,15 @@ import logging
 import os
 import queue
 import signal
-import socket
 import threading
 import time
 from pathlib import Path
 from typing import Any, Optional
 
 from prune_pack import __version__
+from prune_pack.agent.cmdauth import CommandAuth, NonceStore
 from prune_pack.agent.commands import (
+    COMMON_FIELDS,
     FAST,
     PROFILE_ARGS,
     SLOW,
@@ -41,6 +42,7 @@ from prune_pack.agent.commands import (
     lookup,
 )
 from prune_pack.agent.fetch import Fetched
+from prune_pack.agent.fsutil import disk_full, free_bytes
 from prune_pack.agent.mqtt import SCHEMA_DETECTIONS, SCHEMA_RESULT, SCHEMA_TELEMETRY, MqttLink
 from prune_pack.agent.settings import (
     AgentSection,
@@ -53,58 +55,12 @@ from prune_pack.agent.settings import (
     merged,
 )
 from prune_pack.agent.store import ModelStore, StoredModel, StoreError
+from prune_pack.agent.system import crash_point, machine_id, sd_notify, temperature_c, watchdog_interval_s
 from prune_pack.errors import PrunePackError, ReasonedError
 
 log = logging.getLogger("prune_pack.agent.daemon")
 
 MiB = 1024 * 1024
-# Fault injection for the crash tests: SIGKILL ourselves at a named point of a deploy.
-CRASH_ENV = "PRUNE_PACK_CRASH_AT"
-CRASH_POINTS = ("verified", "stage_files", "staged", "before_switch", "after_switch")
-
-
-# ---------------------------------------------------------------------- sd_notify
-
-
-def sd_notify(message: str) -> bool:
-    """systemd's notify protocol without libsystemd: one datagram to $NOTIFY_SOCKET
-    (a path, or '@name' in the abstract namespace). False when not under systemd."""
-    addr = os.environ.get("NOTIFY_SOCKET")
-    if not addr:
-        return False
-    if addr.startswith("@"):
-        addr = "\0" + addr[1:]
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
-            s.connect(addr)
-            s.sendall(message.encode())
-        return True
-    except OSError as e:
-        log.warning("sd_notify(%s) failed: %s", message.split("\n")[0], e)
-        return False
-
-
-def watchdog_interval_s() -> Optional[float]:
-    """Half of systemd's watchdog timeout, if one is set for this process."""
-    usec = os.environ.get("WATCHDOG_USEC")
-    pid = os.environ.get("WATCHDOG_PID")
-    if not usec or (pid and pid != str(os.getpid())):
-        return None
-    try:
-        return max(0.05, int(usec) / 2e6)
-    except ValueError:
-        return None
-
-
-# ---------------------------------------------------------------------- helpers
-
-
-def _crash_point(name: str) -> None:
-    if os.environ.get(CRASH_ENV) == name:
-        log.error("fault injection: SIGKILL at %s", name)
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
 def _names(manifest: dict) -> dict[int, str]:
     raw = manifest.get("names", manifest.get("classes"))
     if isinstance(raw, list):
@@ -119,19 +75,6 @@ def _target_ms(manifest: dict) -> Optional[float]:
     t = manifest.get("target")
     v = t.get("latency_ms") if isinstance(t, dict) else None
     return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 else None
-
-
-def _temperature_c() -> Optional[float]:
-    try:
-        import psutil
-
-        temps = psutil.sensors_temperatures() if hasattr(psutil, "sensors_temperatures") else {}
-        vals = [t.current for entries in temps.values() for t in entries if t.current is not None]
-        if vals:
-            return round(max(vals), 1)
-    except Exception:  # noqa: BLE001 - sensors are optional and vary wildly
-        pass
-    return None
 
 
 # ---------------------------------------------------------------------- daemon
@@ -162,7 +105,9 @@ class Daemon:
         self.started = time.time()
         self.ready = threading.Event()
         self.unanswered = 0  # commands dropped because the fast queue was full
+        self.busy = 0  # commands answered "busy" because the slow queue was full
         self._proc: Any = None
+        self.auth: Optional[CommandAuth] = None
 
     @classmethod
     def from_config(cls, cfg: Any) -> "Daemon":
@@ -175,10 +120,14 @@ class Daemon:
         if self.agent.allow_unsigned:
             log.warning("agent.allow_unsigned is a host setting (prune-pack profile/verify); the daemon refuses unsigned packages")
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        self.store.open()
+        self.store.open(trust=self._signed_by_trusted_key)
         for note in self.store.recovered:
             log.warning("store recovery: %s", note)
         # Credentials and broker URL are checked before the (possibly slow) model load.
+        self.auth = CommandAuth(self.agent.command_keys, self.agent.revoked_keys, self.device.id, self.device.site,
+                                NonceStore(self.state_dir / "nonces.json"), self.agent.allow_unsigned_commands)
+        if self.agent.allow_unsigned_commands:
+            log.warning("agent.allow_unsigned_commands: anyone who can publish to cmd/ can deploy and run code")
         self.link = MqttLink(self.device, self.mqtt, self.state_dir, self._enqueue, self._status_fields)
         ha = self.homeassistant
         if ha is not None and ha.discovery and self.link.enabled:
@@ -218,6 +167,14 @@ class Daemon:
                 except StoreError:
                     return
 
+    def _signed_by_trusted_key(self, model_dir: Path) -> bool:
+        from prune_pack.agent.verifier import signature_verifies
+
+        ok = signature_verifies(model_dir, self.agent.trusted_keys, self.agent.revoked_keys)
+        if not ok:
+            log.error("stored model %s: its signature does not verify against agent.trusted_keys", model_dir.name)
+        return ok
+
     def request_stop(self) -> None:
         self._stop.set()
 
@@ -242,10 +199,28 @@ class Daemon:
             self.shutdown()
 
     def healthy(self) -> bool:
-        ok = all(t.is_alive() for t in self._workers) and (self.link is None or self.link.alive())
-        if not ok:
-            log.error("a worker thread died; withholding WATCHDOG=1 so systemd restarts the agent")
-        return ok
+        """For WATCHDOG=1 (sent by the working loop, so a hung loop is caught too): the command
+        workers, the outbox sender and paho's network thread are alive."""
+        dead = [t.name for t in self._workers if not t.is_alive()]
+        if self.link is not None and not self.link.alive():
+            dead.append("mqtt")
+        if dead:
+            log.error("thread(s) %s died; withholding WATCHDOG=1 so systemd restarts the agent", ", ".join(dead))
+        return not dead
+
+    def health(self) -> dict:
+        """Telemetry's ``health``: free space of state_dir, and why the agent is degraded (if it is)."""
+        free = free_bytes(self.state_dir)
+        reasons = []
+        if free is not None and free < self.agent.min_free_mb * MiB:
+            reasons.append(f"state_dir has {free / MiB:.1f} MiB free (< agent.min_free_mb)")
+        link = self.link
+        if link is not None and link.outbox.degraded:
+            reasons.append(link.outbox.degraded[:200])
+        return {"state_free_mb": round(free / MiB, 1) if free is not None else None, "degraded": bool(reasons),
+                "reasons": reasons, "outbox_recreated": link.outbox.recreated if link else 0,
+                "messages_lost": link.send_failed if link else 0, "commands_busy": self.busy,
+                "commands_unanswered": self.unanswered}
 
     def shutdown(self) -> None:
         sd_notify("STOPPING=1")
@@ -349,12 +324,13 @@ class Daemon:
         body: dict[str, Any] = {
             "cpu_percent": round(cpu, 1), "system_cpu_percent": round(psutil.cpu_percent(None), 1),
             "rss_mb": round(rss / MiB, 1), "load": [round(x, 2) for x in os.getloadavg()],
-            "temperature_c": _temperature_c(), "uptime_s": round(time.time() - self.started, 1),
+            "temperature_c": temperature_c(), "uptime_s": round(time.time() - self.started, 1),
             "model": self._model_info(self.store.active), "streams": [],
             "queue": self.link.queue_info() if self.link else {"pending": 0, "dropped": 0},
             "detections_dropped": self.link.detections_dropped if self.link else 0,
         }
         body["inference"] = None
+        body["health"] = self.health()
         if self.streams is not None:
             try:
                 m = self.streams.metrics()
@@ -397,6 +373,7 @@ class Daemon:
         try:
             target.put_nowait(item)
         except queue.Full:
+            self.busy += 1
             try:
                 self._fast.put_nowait((name, payload if len(payload) <= max_bytes else None,
                                        CommandError("busy", f"{self._slow.maxsize} commands are waiting; retry later")))
@@ -422,18 +399,25 @@ class Daemon:
             request_id = _request_id(payload)
         if error is None:
             try:
-                args = _parse(payload or b"")
-                request_id = args.pop("request_id")
+                request = _parse(payload or b"")
+                request_id = request["request_id"]
                 spec = lookup(name)
+                args = {k: v for k, v in request.items() if k not in COMMON_FIELDS}
                 spec.check(args)
+                if spec.needs_signature(args):
+                    self._authorize(name, request, args)
                 result = spec.handler(self, args)
             except ReasonedError as e:  # CommandError, PackageRejected, StoreError: their own reason
                 error = e if isinstance(e, CommandError) else CommandError(e.reason, e.detail)
             except PrunePackError as e:
                 error = CommandError("failed", str(e))
             except Exception as e:  # noqa: BLE001 - answered, logged, the daemon lives on
-                log.exception("command %s crashed", name)
-                error = CommandError("internal", f"{type(e).__name__}: {e}")
+                if disk_full(e):
+                    error = CommandError("disk_full", f"{type(e).__name__}: {e}")
+                    log.error("command %s: disk full (%s)", name, e)
+                else:
+                    log.exception("command %s crashed", name)
+                    error = CommandError("internal", f"{type(e).__name__}: {e}")
         body: dict[str, Any] = {"request_id": request_id, "cmd": name, "ok": error is None}
         if error is None:
             body["result"] = result
@@ -443,6 +427,15 @@ class Daemon:
         link = self.link
         if link is not None:
             link.send(link.topics.result(name), link.envelope(SCHEMA_RESULT, **body), qos=1)
+
+    def _authorize(self, name: str, request: dict, args: dict) -> None:
+        """Signed commands (agent.cmdauth): refused unless signed by a command key for this device;
+        ``force`` (a downgrade, an unvalidated backend) always needs a signature."""
+        kid = self.auth.check(name, request) if self.auth is not None else None
+        if kid is None and args.get("force"):
+            raise CommandError("unsigned_command", "force needs a signed request")
+        if kid is not None:
+            log.info("command %s signed by %s", name, kid)
 
     @command("ping", FAST)
     def cmd_ping(self, args: dict) -> dict:
@@ -477,6 +470,7 @@ class Daemon:
 
         with self._model_lock:
             m = self.store.find(args["model"])
+            self._check_policy(m.manifest, args.get("force", False))
             precision = check_validated(m.manifest, self.inference.backend, self.inference.precision, args.get("force", False))
             session, precision = self._load(m, precision)
             self.store.activate(m.id)
@@ -486,21 +480,20 @@ class Daemon:
     @command("deploy", SLOW, signed=True, args={**SOURCE_ARGS, "force": Arg("boolean")}, one_of=SOURCES,
              one_required=True)
     def cmd_deploy(self, args: dict) -> dict:
-        from prune_pack.agent.manifest import check_newer, check_validated
+        from prune_pack.agent.manifest import check_validated
 
         force = args.get("force", False)
         with self._model_lock, self._fetched(args) as pkg:
             vp = self._verify(pkg)
             try:
-                _crash_point("verified")
+                crash_point("verified")
                 precision = check_validated(vp.manifest, self.inference.backend, self.inference.precision, force)
-                active = self.store.active
-                check_newer(vp.manifest, active.manifest if active else None, force)  # replay/downgrade guard
-                m = self.store.stage(vp.dir, crash_hook=_crash_point)
+                self._check_policy(vp.manifest, force)
+                m = self.store.stage(vp.dir, crash_hook=crash_point)
             except BaseException:
                 vp.discard()
                 raise
-            _crash_point("staged")
+            crash_point("staged")
             was_kept = m.id in (self.store._active, self.store._previous)  # noqa: SLF001
             try:
                 session, precision = self._load(m, precision)
@@ -514,7 +507,7 @@ class Daemon:
                 raise
             if m.id == self.store._active:  # noqa: SLF001
                 return {"active": self._model_info(m), "changed": False, "profile": prof}
-            self.store.activate(m.id, crash_hook=_crash_point)
+            self.store.activate(m.id, crash_hook=crash_point)
             self._switch(m, session, precision)
             prev = self.store.previous
             return {"active": self._model_info(m), "changed": True, "previous": prev.summary() if prev else None,
@@ -554,13 +547,20 @@ class Daemon:
         if package:
             # The daemon never runs an unsigned package, whatever agent.allow_unsigned says (a host setting).
             kw.update(trusted_keys=self.agent.trusted_keys, revoked_keys=self.agent.revoked_keys,
-                      allow_unsigned=False, max_bytes=int(self.agent.max_package_mb * MiB))
+                      allow_unsigned=False, max_bytes=int(self.agent.max_package_mb * MiB), require_package=True)
         try:
             return profile_model(model, **kw)
         except ReasonedError:  # PackageRejected keeps its reason
             raise
         except PrunePackError as e:
             raise CommandError("profile_failed", str(e)) from None
+
+    def _check_policy(self, manifest: dict, force: bool) -> None:
+        """Expiry, device binding, and the version memory (replay/downgrade/jump guard)."""
+        from prune_pack.agent.manifest import check_binding, check_newer
+
+        check_binding(manifest, self.device.id, self.device.site, machine_id(), time.time())
+        check_newer(manifest, self.store.highest(str(manifest.get("name"))), force, self.agent.max_version_jump)
 
     def _verify(self, pkg: Path, staging: Optional[Path] = None) -> Any:
         from prune_pack.agent.verifier import verify_package

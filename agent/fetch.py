@@ -89,13 +89,29 @@ def download(url: str, dest: Path, limit: int, deadline_s: float) -> int:
                 raise CommandError("fetch_timeout", f"download not complete within {deadline_s:g} s")
             if sock is not None:
                 sock.settimeout(max(0.05, min(30.0, left)))
-            chunk = r.read1(_CHUNK)  # one receive at a time, so a trickling server meets the deadline
+            try:
+                chunk = r.read1(_CHUNK)  # one receive at a time, so a trickling server meets the deadline
+            except (socket.timeout, TimeoutError):
+                raise CommandError("fetch_timeout", f"download not complete within {deadline_s:g} s") from None
             if not chunk:
                 return n
             n += len(chunk)
             if n > limit:
                 raise CommandError("too_large", f"download over the limit of {limit} bytes")
             f.write(chunk)
+
+
+def _b64_to_file(text: str, dest: Path, chunk: int = 4 * 256 * 1024) -> None:
+    """Decode base64 in 1 MiB slices straight to ``dest``: one decoded copy of a slice in memory,
+    never a second copy of the whole package."""
+    if len(text) % 4:
+        raise CommandError("bad_request", "package_b64 is not valid base64")
+    with open(dest, "wb") as f:
+        for i in range(0, len(text), chunk):
+            try:
+                f.write(base64.b64decode(text[i:i + chunk], validate=True))
+            except (binascii.Error, ValueError):
+                raise CommandError("bad_request", "package_b64 is not valid base64") from None
 
 
 class Fetched:
@@ -129,13 +145,9 @@ class Fetched:
             limit = int(agent.max_inline_mb * MiB)
             if len(a["package_b64"]) > limit * 4 // 3 + 4:
                 raise CommandError("too_large", f"inline package over max_inline_mb={agent.max_inline_mb}; send a path or URL")
-            try:
-                data = base64.b64decode(a["package_b64"], validate=True)
-            except (binascii.Error, ValueError):
-                raise CommandError("bad_request", "package_b64 is not valid base64") from None
             self.tmp = self.new_staging("incoming")
             p = self.tmp / "package.ppk"
-            p.write_bytes(data)
+            _b64_to_file(a["package_b64"], p)
             return p
         if "path" in a:
             return check_path(a["path"])

@@ -7,6 +7,7 @@ Imports only the standard library and ``prune_pack.errors``.
 
 from __future__ import annotations
 
+import datetime as _dt
 import hashlib
 import json
 import math
@@ -66,11 +67,17 @@ REASONS = (
     "size_mismatch",  # model.onnx's size differs from the manifest's
     "hash_mismatch",  # model.onnx's sha256 (or the archive's CRC) differs
     "not_validated",  # check_validated: backend/precision combination not validated on the host
-    "older_version",  # check_newer: not newer than the active package of the same name (replay)
+    "older_version",  # check_newer: not newer than the highest version of its name ever installed here (replay)
+    "version_jump",  # check_newer: more than agent.max_version_jump above the highest installed version
+    "expired",  # check_binding: the manifest's ``expires`` is in the past
+    "wrong_device",  # check_binding: the manifest's ``devices`` / ``machine_ids`` do not name this device
 )
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$")
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+_DEVICE_SEL_RE = re.compile(r"^(\*|[A-Za-z0-9][A-Za-z0-9._-]{0,127})(/(\*|[A-Za-z0-9][A-Za-z0-9._-]{0,127}))?$")
+_MACHINE_ID_RE = re.compile(r"^[0-9a-f]{32}$")
+MAX_VERSION = 2**31 - 1  # a host counter never gets near; 2**62 would block every later version
 _KEY_ID_RE = re.compile(r"^[0-9a-f]{16}$")
 _PRECISION_RE = re.compile(r"^[a-z0-9]{1,16}$")
 
@@ -103,8 +110,8 @@ def manifest_problem(m: Any) -> Optional[str]:
     name = m.get("name")
     if not isinstance(name, str) or not _NAME_RE.match(name):
         return f"name must be 1-128 of letters, digits, '.', '_', '+', '-', got {name!r}"
-    if not is_int(m.get("version")) or m["version"] < 1:
-        return f"version must be an integer >= 1, got {m.get('version')!r}"
+    if not is_int(m.get("version")) or not 1 <= m["version"] <= MAX_VERSION:
+        return f"version must be an integer in [1, {MAX_VERSION}], got {m.get('version')!r}"
     if not isinstance(m.get("sha256"), str) or not _SHA256_RE.match(m["sha256"]):
         return "sha256 must be 64 lowercase hex digits"
     if not is_int(m.get("size")) or m["size"] < 0:
@@ -127,7 +134,45 @@ def manifest_problem(m: Any) -> Optional[str]:
     signer = m.get("signer")
     if signer is not None and not (isinstance(signer, str) and _KEY_ID_RE.match(signer)):
         return "signer must be a 16-hex-digit key id"
+    if "expires" in m and parse_time(m["expires"]) is None:
+        return "expires must be an ISO 8601 UTC time like 2027-01-31T00:00:00Z"
+    for key, pattern in (("devices", _DEVICE_SEL_RE), ("machine_ids", _MACHINE_ID_RE)):
+        v = m.get(key)
+        if v is not None and not (isinstance(v, list) and v and all(isinstance(x, str) and pattern.match(x) for x in v)):
+            return f"{key} must be a non-empty list of " + ("device ids or site/device selectors" if key == "devices" else "machine ids (32 hex digits)")
     return None
+
+
+def parse_time(v: Any) -> Optional[float]:
+    """Seconds since the epoch of an ISO 8601 time with a zone (``Z`` or ``+00:00``), else None."""
+    if not isinstance(v, str) or len(v) > 40:
+        return None
+    try:
+        t = _dt.datetime.fromisoformat(v.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return t.timestamp() if t.tzinfo is not None else None
+
+
+def device_selected(selector: str, device_id: str, site: str) -> bool:
+    if "/" not in selector:
+        return selector == device_id
+    s_site, s_dev = selector.split("/", 1)
+    return s_site in ("*", site) and s_dev in ("*", device_id)
+
+
+def check_binding(manifest: dict, device_id: str, site: str, machine_id: Optional[str], now: float) -> None:
+    """Refuse a package past its ``expires``, or bound (``devices``, ``machine_ids``) to other devices.
+    Not overridable by ``force``: an expired or foreign package needs a new signature."""
+    exp = parse_time(manifest.get("expires"))
+    if exp is not None and now > exp:
+        raise PackageRejected("expired", f"{manifest.get('name')} v{manifest.get('version')} expired at {manifest['expires']}")
+    devices = manifest.get("devices")
+    if devices is not None and not any(device_selected(s, device_id, site) for s in devices):
+        raise PackageRejected("wrong_device", f"the package is for {', '.join(devices[:5])}, this is {site}/{device_id}")
+    machines = manifest.get("machine_ids")
+    if machines is not None and machine_id not in machines:
+        raise PackageRejected("wrong_device", "the package is bound to other machines (machine_ids)")
 
 
 def onnx_input(path: Path) -> Optional[dict]:
@@ -217,16 +262,20 @@ def check_validated(manifest: dict, backend: str, precision: Optional[str] = Non
     return str(precision)
 
 
-def check_newer(manifest: dict, active: Optional[dict], force: bool = False) -> None:
-    """Refuse a replayed or older package: same ``name`` needs a higher ``version`` than ``active``.
+def check_newer(manifest: dict, active: Optional[dict], force: bool = False, max_jump: Optional[int] = None) -> None:
+    """Refuse a replayed or older package: same ``name`` needs a higher ``version`` than ``active``
+    (on a device: the highest version of that name ever installed, ``ModelStore.highest``).
 
-    Re-sending the very package that is active (same version and sha256) is allowed, so a
-    retried deploy is idempotent; a different model name starts its own sequence. ``force``
-    (``prune-pack deploy --force``) allows a deliberate downgrade.
+    Re-sending the very package installed at that version (same sha256) is allowed, so a retried
+    deploy is idempotent; a different model name starts its own sequence. ``force`` (a signed
+    command) allows a deliberate downgrade, never a jump of more than ``max_jump`` versions
+    (a huge version would block every later one).
     """
-    if force or not active or active.get("name") != manifest.get("name"):
+    if not active or active.get("name") != manifest.get("name"):
         return
     new, cur = int(manifest["version"]), int(active.get("version", 0))
-    if new > cur or (new == cur and manifest.get("sha256") == active.get("sha256")):
+    if max_jump is not None and new > cur + max_jump:
+        raise PackageRejected("version_jump", f"{manifest.get('name')} v{new} is more than {max_jump} versions above v{cur}")
+    if force or new > cur or (new == cur and manifest.get("sha256") == active.get("sha256")):
         return
-    raise PackageRejected("older_version", f"{manifest.get('name')} v{new} is not newer than the active v{cur}; force to downgrade")
+    raise PackageRejected("older_version", f"{manifest.get('name')} v{new} is not newer than v{cur} installed before; force to downgrade")

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 from urllib.parse import urlparse
 
+from prune_pack.agent.fsutil import disk_full, move_aside
 from prune_pack.agent.settings import DeviceSection, MqttSection
 from prune_pack.errors import ConfigError
 
@@ -147,13 +148,41 @@ class Outbox:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.max_items = max_items
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")  # durable across process crashes
-        self._db.execute("CREATE TABLE IF NOT EXISTS q (id INTEGER PRIMARY KEY AUTOINCREMENT, topic TEXT NOT NULL,"
-                         " payload TEXT NOT NULL, qos INTEGER NOT NULL, retain INTEGER NOT NULL, historical INTEGER NOT NULL,"
-                         " sent_ms INTEGER)")
-        self._db.execute("CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v INTEGER NOT NULL)")
+        self.degraded: Optional[str] = None  # why messages are not durable right now (telemetry shows it)
+        self.recreated = 0  # corrupt outboxes moved aside and replaced (persisted in meta)
+        try:
+            self._db = self._open(str(self.path))
+        except sqlite3.DatabaseError as e:
+            if disk_full(e):
+                # A full disk must not take the agent offline: queue in memory until it is freed.
+                log.error("outbox %s cannot be opened (%s): queueing in memory", self.path, e)
+                self.degraded = f"outbox in memory: {e}"
+                self._db = self._open(":memory:")
+            else:
+                # A corrupt queue is kept for a post-mortem and replaced; its messages are lost.
+                for suffix in ("", "-wal", "-shm"):
+                    move_aside(f"{self.path}{suffix}", "corrupt")
+                log.error("outbox %s is corrupt (%s): moved aside, starting a new one", self.path, e)
+                self._db = self._open(str(self.path))
+                self._set_meta("recreated", 1)
+        self.recreated = self._meta("recreated")
+
+    @staticmethod
+    def _open(target: str) -> sqlite3.Connection:
+        db = sqlite3.connect(target, check_same_thread=False, isolation_level=None)
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")  # durable across process crashes
+            db.execute("CREATE TABLE IF NOT EXISTS q (id INTEGER PRIMARY KEY AUTOINCREMENT, topic TEXT NOT NULL,"
+                       " payload TEXT NOT NULL, qos INTEGER NOT NULL, retain INTEGER NOT NULL, historical INTEGER NOT NULL,"
+                       " sent_ms INTEGER)")
+            db.execute("CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v INTEGER NOT NULL)")
+            db.execute("SELECT COUNT(*) FROM q").fetchone()  # reads the file: a damaged one fails here
+            db.execute("SELECT COUNT(*) FROM meta").fetchone()
+        except BaseException:
+            db.close()
+            raise
+        return db
 
     def _meta(self, key: str) -> int:
         row = self._db.execute("SELECT v FROM meta WHERE k=?", (key,)).fetchone()
@@ -261,6 +290,7 @@ class MqttLink:
         self._wake = threading.Condition()
         self._stop = threading.Event()
         self._sender: Optional[threading.Thread] = None
+        self._paho_thread: Optional[threading.Thread] = None
         self.client: Any = None
         self.connects = 0
         self._confirm_s = 1.5 * mqtt.keepalive_s + 1.0
@@ -268,12 +298,14 @@ class MqttLink:
         self.detections_dropped = 0
         self._extra_subs: dict[str, Callable[[bytes], None]] = {}  # topic -> handler (network thread)
         self._connected_hooks: list[Callable[[], None]] = []
+        self.send_failed = 0  # messages that could not be queued (disk full)
         if self.enabled:
             self.client = make_client(mqtt, mqtt.client_id or f"prune-pack-{device.id}")
             self.client.on_pre_connect = self._on_pre_connect
             self.client.on_connect = self._on_connect
             self.client.on_disconnect = self._on_disconnect
             self.client.on_message = self._on_message
+            self.client.on_connect_fail = self._on_connect_fail
 
     # ---- envelope
     def envelope(self, schema: str, **fields: Any) -> dict:
@@ -296,7 +328,12 @@ class MqttLink:
     def _on_pre_connect(self, client: Any, userdata: Any) -> None:
         # A new session per connection attempt; its Last Will carries this session's envelope.
         with self._lock:
-            self._session = self.outbox.next_session()
+            try:
+                self._session = self.outbox.next_session()
+            except sqlite3.Error as e:  # a full disk: a session number in memory, never a dead network thread
+                log.error("outbox: cannot persist the session counter (%s)", e)
+                self.outbox.degraded = f"outbox: {e}"
+                self._session += 1
             self._seq = 0
             will = {"schema": SCHEMA_STATUS, "device_id": self.device.id, "site": self.device.site,
                     "session": self._session, "seq": 0, "ts_ms": int(time.time() * 1000), "state": "lost"}
@@ -348,6 +385,10 @@ class MqttLink:
             msgs.clear()
             client._inflight_messages = 0  # noqa: SLF001
 
+    def _on_connect_fail(self, client: Any, userdata: Any) -> None:
+        # paho swallows the cause (TLS verification, refused socket); say at least that it failed.
+        log.warning("connecting to %s failed (TLS, DNS or TCP); retrying with backoff", redact(self.mqtt.broker))
+
     def _on_disconnect(self, client: Any, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
         if self._connected.is_set():
             log.warning("disconnected from the broker (%s); queueing on disk", reason_code)
@@ -384,6 +425,7 @@ class MqttLink:
         host, port = self.client._prune_pack_target  # noqa: SLF001
         self.client.connect_async(host, port, keepalive=self.mqtt.keepalive_s)
         self.client.loop_start()
+        self._paho_thread = getattr(self.client, "_thread", None)  # paho 2.x's loop thread (private; None if renamed)
         self._sender = threading.Thread(target=self._send_loop, name="mqtt-outbox", daemon=True)
         self._sender.start()
 
@@ -414,15 +456,27 @@ class MqttLink:
         self.outbox.close()
 
     def alive(self) -> bool:
-        """For the watchdog: the sender thread runs (paho's thread reconnects by itself)."""
-        return not self.enabled or (self._sender is not None and self._sender.is_alive())
+        """For the watchdog: the sender thread and paho's network thread both run (a callback that
+        raised kills paho's thread, and nothing would reconnect)."""
+        if not self.enabled or self._stop.is_set():
+            return True
+        paho_ok = self._paho_thread is None or self._paho_thread.is_alive()
+        return paho_ok and self._sender is not None and self._sender.is_alive()
 
     # ---- publishing
     def send(self, topic: str, message: dict, qos: int = 0, retain: bool = False) -> None:
         """Queue a telemetry or result message on disk; the sender publishes it in order."""
         if not self.enabled:
             return
-        self.outbox.put(topic, message, qos, retain, historical=not self.connected)
+        try:
+            self.outbox.put(topic, message, qos, retain, historical=not self.connected)
+        except sqlite3.Error as e:  # a full disk: this message is lost (counted), the agent carries on
+            self.send_failed += 1
+            self.outbox.degraded = f"outbox: {e}"
+            log.error("outbox: cannot queue a message on %s (%s)", topic, e)
+            return
+        if self.outbox.degraded and self.outbox.degraded.startswith("outbox:"):
+            self.outbox.degraded = None  # space again
         with self._wake:
             self._wake.notify_all()
 

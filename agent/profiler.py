@@ -224,7 +224,8 @@ def image_inputs(folder: str | Path, shape: Sequence[int], dtype: str = "float32
 
 @contextlib.contextmanager
 def open_model(model: str | Path, trusted_keys: Iterable[str | Path] = (), revoked_keys: Iterable[str | Path] = (),
-               allow_unsigned: bool = False, max_bytes: Optional[int] = None) -> Iterator[tuple[Path, dict[str, Any]]]:
+               allow_unsigned: bool = False, max_bytes: Optional[int] = None,
+               require_package: bool = False) -> Iterator[tuple[Path, dict[str, Any]]]:
     """Yield ``(onnx_path, facts)`` for an .onnx file or a .ppk package.
 
     A package is verified (hashes, signature) into a private staging folder, profiled from there,
@@ -234,7 +235,7 @@ def open_model(model: str | Path, trusted_keys: Iterable[str | Path] = (), revok
     if not p.is_file():
         raise UserInputError(f"model not found: {p}")
     suffix = p.suffix.lower()
-    if suffix != ".ppk" and (suffix == ".onnx" or not zipfile.is_zipfile(p)):
+    if not require_package and suffix != ".ppk" and (suffix == ".onnx" or not zipfile.is_zipfile(p)):
         yield p, {"source": "onnx"}
         return
     from prune_pack.agent.verifier import verify_package
@@ -362,7 +363,7 @@ def profile_model(model: str | Path, threads: int = 2, warmup: int = 10, runs: i
                   backend: str = "ort", precision: Optional[str] = None, images: Optional[str | Path] = None,
                   trusted_keys: Iterable[str | Path] = (), allow_unsigned: bool = False,
                   cache_dir: Optional[str | Path] = None, revoked_keys: Iterable[str | Path] = (),
-                  max_bytes: Optional[int] = None) -> dict[str, Any]:
+                  max_bytes: Optional[int] = None, require_package: bool = False) -> dict[str, Any]:
     """Profile an .onnx file or a .ppk package on one backend and precision (None = the file's own).
 
     ``backend`` may be ``auto`` (OpenVINO when installed, else ORT), or ``all`` / a comma-separated
@@ -376,10 +377,10 @@ def profile_model(model: str | Path, threads: int = 2, warmup: int = 10, runs: i
         return profile_all(model, backends=backends, precisions=precisions or None, threads=threads, warmup=warmup,
                            runs=runs, seconds=seconds, images=images, trusted_keys=trusted_keys,
                            allow_unsigned=allow_unsigned, cache_dir=cache_dir, revoked_keys=revoked_keys,
-                           max_bytes=max_bytes)
+                           max_bytes=max_bytes, require_package=require_package)
     _check_counts(threads, warmup, runs, seconds)
     name = be.resolve_backend(backends[0], precisions[0] if precisions else None)
-    with open_model(model, trusted_keys, revoked_keys, allow_unsigned, max_bytes) as (onnx_path, facts):
+    with open_model(model, trusted_keys, revoked_keys, allow_unsigned, max_bytes, require_package) as (onnx_path, facts):
         sha = sha256_file(onnx_path)
         out = _profile_path(onnx_path, sha, name, precisions[0] if precisions else None, threads, warmup, runs,
                             seconds, images, cache_dir)
@@ -411,7 +412,7 @@ def profile_all(model: str | Path, backends: Optional[Sequence[str]] = None, pre
                 threads: int = 2, warmup: int = 10, runs: int = 100, seconds: Optional[float] = None,
                 images: Optional[str | Path] = None, trusted_keys: Iterable[str | Path] = (), allow_unsigned: bool = False,
                 cache_dir: Optional[str | Path] = None, revoked_keys: Iterable[str | Path] = (),
-                max_bytes: Optional[int] = None) -> dict[str, Any]:
+                max_bytes: Optional[int] = None, require_package: bool = False) -> dict[str, Any]:
     """Every requested (backend, precision) that this file, this CPU and this install can run, one after another.
 
     ``backends`` None or ["all"] = every installed backend; ``precisions`` None = all the file can
@@ -429,7 +430,7 @@ def profile_all(model: str | Path, backends: Optional[Sequence[str]] = None, pre
     req_p = [be.normalize_precision(p) for p in _as_list(precisions)]
     results: list[dict[str, Any]] = []
     skipped: list[dict[str, str]] = []
-    with open_model(model, trusted_keys, revoked_keys, allow_unsigned, max_bytes) as (onnx_path, facts):
+    with open_model(model, trusted_keys, revoked_keys, allow_unsigned, max_bytes, require_package) as (onnx_path, facts):
         sha = sha256_file(onnx_path)
         file_prec = be.model_precision(onnx_path)
         for b in names:

@@ -100,10 +100,14 @@ class AgentSection:
     revoked_keys: list[str] = field(default_factory=list)  # wins over trusted_keys
     max_package_mb: float = 512.0  # packages or members over this are rejected
     max_inline_mb: float = 16.0  # base64 packages inside an MQTT command
-    max_payload_kb: float = 32768.0  # any larger command payload is refused
+    max_payload_kb: float = 22528.0  # any larger command payload is refused (16 MiB inline as base64 + 1 MiB)
     allow_unsigned: bool = False  # host CLI only (profile/verify); the agent daemon always refuses unsigned packages
     fetch_allowed_hosts: list[str] = field(default_factory=list)  # url deploys: host or host:port; none by default
     fetch_timeout_s: float = 300.0  # one deadline for a whole download
+    command_keys: list[str] = field(default_factory=list)  # Ed25519 public keys (PEM) allowed to sign commands
+    allow_unsigned_commands: bool = False  # test benches only: accept deploy/activate/rollback/profile-of-a-file unsigned
+    min_free_mb: float = 64.0  # less free space in state_dir marks the agent degraded in telemetry
+    max_version_jump: int = 1000  # a package more versions than this above the highest installed is refused
     watchdog: bool = True  # send systemd WATCHDOG=1 from the working loop when NOTIFY_SOCKET is set
     # HOST:PORT of this agent's own Prometheus /metrics (sites that scrape devices directly); None = off.
     # Needs prometheus-client: pip install 'prune-pack[metrics]'

@@ -7,6 +7,9 @@ Layout under ``state_dir``::
                         here by an atomic rename from staging/, so it is never half-written
     staging/            work area (same filesystem, so renames are atomic); cleaned on open
     current.json        {"active": id|null, "previous": id|null}, replaced atomically
+    versions.json       {name: {"version": v, "sha256": s}}: the highest version of each model
+                        name ever activated here (rollback protection that survives deploys of
+                        other names and restarts); only ever raised
 
 ``<id>`` is the first 20 hex digits of the sha256 of the package's exact ``manifest.json``
 bytes (the manifest holds the model's sha256, so the id names the whole content).
@@ -22,19 +25,21 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
-from prune_pack.agent.fsutil import atomic_write, fsync_dir
+from prune_pack.agent.fsutil import atomic_write, fsync_dir, move_aside
 from prune_pack.agent.manifest import sha256_file
 from prune_pack.errors import ReasonedError
 
 log = logging.getLogger("prune_pack.agent.store")
 
 INDEX = ".files.json"
+_ID_RE = re.compile(r"^[0-9a-f]{20}$")
 KEEP_EXTRA = 3  # stored models kept besides active and previous (for `activate`)
 
 
@@ -82,49 +87,103 @@ class ModelStore:
         self.models_dir = self.root / "models"
         self.staging_dir = self.root / "staging"
         self.current_path = self.root / "current.json"
+        self.versions_path = self.root / "versions.json"
+        self._versions: dict[str, dict[str, Any]] = {}
         self._active: Optional[str] = None
         self._previous: Optional[str] = None
         self.recovered: list[str] = []  # what open() had to repair, for the logs and status
 
     # ------------------------------------------------------------------ open / recover
-    def open(self) -> "ModelStore":
+    def open(self, trust: Optional[Callable[[Path], bool]] = None) -> "ModelStore":
         """Create the layout, clean leftovers of interrupted operations, and settle on a
-        verified active model (falling back to the previous one)."""
-        for d in (self.root, self.models_dir, self.staging_dir):
+        verified active model: the recorded one, else the previous one, else (when current.json
+        is damaged or names broken models) the newest stored model that verifies. ``trust(dir)``
+        (the daemon: the signature against its trusted keys) is checked besides the hashes."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        for d in (self.models_dir, self.staging_dir):
+            if d.exists() and not d.is_dir() or d.is_symlink():
+                self.recovered.append(f"{d.name} was not a folder; moved to {move_aside(d)}")
             d.mkdir(parents=True, exist_ok=True)
         for p in self.staging_dir.iterdir():  # interrupted deploys / profiles / removals
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
             self.recovered.append(f"removed stale {p.name}")
         for p in self.root.glob(".current.json.*.tmp"):  # interrupted switch: old current.json wins
             p.unlink(missing_ok=True)
-        active, previous = self._read_current()
-        if active and not self.verify(active):
+        def ok(mid: str) -> bool:
+            return self.verify(mid) and (trust is None or trust(self.models_dir / mid))
+
+        active, previous, damaged = self._read_current()
+        if active and not ok(active):
             self.recovered.append(f"active {active} is broken")
             log.error("active model %s failed verification; falling back to the previous one", active)
-            active, previous = (previous, None) if previous and self.verify(previous) else (None, None)
-        if previous and not self.verify(previous):
+            active, previous, damaged = ((previous, None, False) if previous and ok(previous) else (None, None, True))
+        if previous and not ok(previous):
             self.recovered.append(f"previous {previous} is broken")
             previous = None
-        if (active, previous) != self._read_current():
+        if active is None and damaged:
+            newest = next((m.id for m in reversed(self.list()) if ok(m.id)), None)
+            if newest:
+                self.recovered.append(f"serving {newest}, the newest stored model that verifies")
+                log.error("no usable active model recorded; serving %s, the newest stored model that verifies", newest)
+            active = newest
+        if (active, previous) != self._read_current()[:2]:
             self._write_current(active, previous)
         self._active, self._previous = active, previous
+        self._load_versions()
         for d in self.models_dir.iterdir():  # a removal that was interrupted half-way
             if d.name not in (active, previous) and not (d / INDEX).is_file():
-                shutil.rmtree(d, ignore_errors=True)
+                shutil.rmtree(d, ignore_errors=True) if d.is_dir() else d.unlink(missing_ok=True)
                 self.recovered.append(f"removed incomplete {d.name}")
+        self.gc()  # stored models of interrupted deploys do not pile up
         return self
 
-    def _read_current(self) -> tuple[Optional[str], Optional[str]]:
+    def _read_current(self) -> tuple[Optional[str], Optional[str], bool]:
+        """(active, previous, damaged): damaged when current.json is unreadable or names a model
+        that is not there (then open() falls back to the newest stored model that verifies)."""
         try:
             data = json.loads(self.current_path.read_text())
             a, p = data.get("active"), data.get("previous")
-            ok = lambda x: x if isinstance(x, str) and (self.models_dir / x).is_dir() else None  # noqa: E731
-            return ok(a), ok(p)
+            ok = lambda x: x if isinstance(x, str) and _ID_RE.match(x) and (self.models_dir / x).is_dir() else None  # noqa: E731
+            return ok(a), ok(p), a is not None and ok(a) is None
         except FileNotFoundError:
-            return None, None
-        except (OSError, ValueError, AttributeError) as e:  # cannot happen with atomic writes; be safe
-            log.error("unreadable %s (%s): starting without an active model", self.current_path, e)
-            return None, None
+            return None, None, False
+        except (OSError, ValueError, AttributeError, UnicodeDecodeError) as e:
+            log.error("unreadable %s (%s)", self.current_path, e)
+            return None, None, True
+
+    def _load_versions(self) -> None:
+        try:
+            data = json.loads(self.versions_path.read_text())
+            if not isinstance(data, dict) or not all(isinstance(v, dict) and isinstance(v.get("version"), int)
+                                                     for v in data.values()):
+                raise ValueError("expected {name: {version, sha256}}")
+            self._versions = data
+        except FileNotFoundError:
+            self._versions = {}
+        except (OSError, ValueError) as e:
+            moved = move_aside(self.versions_path)
+            self.recovered.append(f"unreadable versions.json ({e}) moved to {moved}; rebuilt from the stored models")
+            self._versions = {}
+        # Older state dirs (and a rebuilt file) learn from what is installed; never lowered.
+        for mid in (self._active, self._previous):
+            if mid:
+                self.remember(self.get(mid).manifest)
+
+    def highest(self, name: str) -> Optional[dict[str, Any]]:
+        """The highest version of ``name`` ever activated here: ``{name, version, sha256}`` or None."""
+        rec = self._versions.get(name)
+        return {"name": name, **rec} if rec else None
+
+    def remember(self, manifest: dict[str, Any]) -> None:
+        """Raise the remembered version of the manifest's name (persisted before the switch)."""
+        name, version = manifest.get("name"), manifest.get("version")
+        if not isinstance(name, str) or not isinstance(version, int):
+            return
+        cur = self._versions.get(name)
+        if cur is not None and cur["version"] >= version:
+            return
+        self._versions[name] = {"version": version, "sha256": manifest.get("sha256")}
+        atomic_write(self.versions_path, json.dumps(self._versions, sort_keys=True).encode())
 
     def _write_current(self, active: Optional[str], previous: Optional[str]) -> None:
         atomic_write(self.current_path, json.dumps({"active": active, "previous": previous}).encode())
@@ -132,7 +191,7 @@ class ModelStore:
     # ------------------------------------------------------------------ queries
     def get(self, model_id: str) -> StoredModel:
         d = self.models_dir / model_id
-        if not model_id or "/" in model_id or not (d / INDEX).is_file():
+        if not _ID_RE.match(model_id or "") or not (d / INDEX).is_file():
             raise StoreError("not_found", f"no stored model {model_id!r}")
         return StoredModel(model_id, d, json.loads((d / "manifest.json").read_text()))
 
@@ -236,6 +295,7 @@ class ModelStore:
         if model_id == self._active:
             return m
         previous = self._active
+        self.remember(m.manifest)
         if crash_hook:
             crash_hook("before_switch")
         self._write_current(model_id, previous)

@@ -263,3 +263,20 @@ def cli_verify(args: Any, cfg: Any) -> dict:
         "signed": pkg.signed,
         "summary": f"{args.package}: OK: {m['name']} v{m['version']} {m['precision']} sha256 {m['sha256'][:12]} ({signed})",
     }
+
+
+def signature_verifies(model_dir: Union[str, os.PathLike], trusted_keys: Sequence[KeyLike] = (),
+                       revoked_keys: Iterable[Union[KeyLike, str]] = ()) -> bool:
+    """A stored model's ``manifest.json`` carries a valid signature of a trusted, unrevoked key
+    (the store's hashes tie ``model.onnx`` to that manifest). The daemon checks it at start-up,
+    so a local swap of model and re-hashed manifest is not served."""
+    d = Path(model_dir)
+    try:
+        manifest_bytes = (d / MANIFEST).read_bytes()
+        sig = (d / SIGNATURE).read_bytes()
+        if len(manifest_bytes) > MAX_MANIFEST_BYTES or len(sig) > MAX_SIGNATURE_BYTES:
+            return False
+        check_signature(parse_manifest(manifest_bytes), manifest_bytes, sig, trusted_keys, revoked_keys)
+        return True
+    except (OSError, PackageRejected):
+        return False

@@ -88,13 +88,14 @@ class RemoteDevice:
     """One device's agent, reached through the broker."""
 
     def __init__(self, mqtt: MqttSection, device_id: str, site: str = "default", broker: Optional[str] = None,
-                 max_inline_mb: float = 16.0) -> None:
+                 max_inline_mb: float = 16.0, command_key: Any = None) -> None:
         if "/" in device_id:  # "site/device" is accepted everywhere a device id is
             site, device_id = device_id.split("/", 1)
         self.mqtt = dataclasses.replace(mqtt, broker=broker or mqtt.broker)
         self.device_id, self.site = device_id, site
         self.topics = Topics(self.mqtt.prefix, site, device_id)
         self.max_inline_mb = max_inline_mb
+        self.command_key = command_key  # signs commands (agent.cmdauth); None = the user's key, if any
         self.status: Optional[dict] = None
         self._cond = threading.Condition()
         self._answers: dict[str, dict] = {}
@@ -166,7 +167,7 @@ class RemoteDevice:
         no answer after ``retries`` extra attempts), ``PackageRejected`` or ``RemoteCommandError``."""
         self._require_online()
         request_id = uuid.uuid4().hex
-        body = json.dumps({**(payload or {}), "request_id": request_id})
+        body = json.dumps(self._signed(cmd, {**(payload or {}), "request_id": request_id}))
         for attempt in range(retries + 1):
             self.client.publish(self.topics.cmd(cmd), body, qos=1)
             deadline = time.monotonic() + timeout
@@ -180,6 +181,13 @@ class RemoteDevice:
                 return self._result(cmd, answer)
         raise DeviceUnavailable(f"device {self.name} did not answer {cmd} within {timeout:.0f} s "
                                 f"({retries + 1} attempt{'s' if retries else ''})")
+
+    def _signed(self, cmd: str, request: dict) -> dict:
+        """Every request is signed when the host has a command key (read-only ones ignore it)."""
+        from prune_pack.agent.cmdauth import host_command_key, sign_request
+
+        key = host_command_key(self.command_key)
+        return sign_request(cmd, request, key, self.name) if key is not None else request
 
     def _result(self, cmd: str, answer: dict) -> dict:
         if answer.get("ok") is True:

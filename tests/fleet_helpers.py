@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from conftest import ON_CI, free_port
-from test_mqtt_helpers import InProcessDaemon, agent_config, package
+from test_mqtt_helpers import InProcessDaemon, agent_config, keys, package
 
 from prune_pack.agent.settings import MqttSection
 
@@ -71,7 +71,8 @@ def target_package(tmp: Path, version: int = 1) -> Path:
 def deploy(broker: Any, tmp: Path, site: str, dev: str, pkg: Path) -> None:
     from prune_pack.deploy.remote import RemoteDevice
 
-    with RemoteDevice(host_mqtt(broker, tmp, "host"), dev, site) as rd:
+    # signed with the key agent_config made the agents trust for commands (agent.command_keys)
+    with RemoteDevice(host_mqtt(broker, tmp, "host"), dev, site, command_key=keys(tmp)[0]) as rd:
         assert rd.deploy_package(pkg, timeout=60)["changed"]
 
 

@@ -16,7 +16,7 @@ from prune_pack.agent.commands import COMMON_FIELDS, FAST, REGISTRY, SLOW, Arg, 
 
 DOC = json.loads((SCHEMA_DIR / "cmd-request.json").read_text())
 DEFS = DOC["$defs"]
-SCHEMA_COMMANDS = {k for k in DEFS if k != "request_id" and not k.startswith("field_")}
+SCHEMA_COMMANDS = {k for k in DEFS if k not in ("request_id", "auth") and not k.startswith("field_")}
 
 
 def _field(ref: dict) -> dict:
@@ -65,8 +65,9 @@ def test_declaration_and_schema_accept_and_refuse_the_same_requests(name: str) -
     v = _validator(name)
     good = _example(cmd.args, cmd.one_of if cmd.one_required else ())
     v.validate(good)
-    cmd.check({k: x for k, x in good.items() if k != "request_id"})
+    cmd.check({k: x for k, x in good.items() if k not in COMMON_FIELDS})
     bad_requests = [{**good, "bogus": 1}, {k: x for k, x in good.items() if k != "request_id"}]
+    v.validate({**good, "auth": {"key_id": "0" * 16, "device": "lab/dev1", "expires_ms": 1, "nonce": "0" * 32, "sig": "x"}})
     for k, a in cmd.args.items():
         bad_requests.append({**good, k: None})  # wrong type
         if a.maximum is not None:
@@ -80,7 +81,7 @@ def test_declaration_and_schema_accept_and_refuse_the_same_requests(name: str) -
             v.validate(bad)
         if "request_id" in bad:
             with pytest.raises(CommandError) as e:
-                cmd.check({k: x for k, x in bad.items() if k != "request_id"})
+                cmd.check({k: x for k, x in bad.items() if k not in COMMON_FIELDS})
             assert e.value.reason == "bad_request"
 
 

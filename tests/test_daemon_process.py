@@ -19,6 +19,7 @@ from test_mqtt_helpers import (
     NotifySocket,
     Watcher,
     agent_config,
+    keys,
     package,
 )
 
@@ -89,7 +90,10 @@ def test_kill9_during_deploy_then_restart(broker, watcher, tmp_path):
         try:
             watcher.status("online", timeout=60, start=mark)
             mark = watcher.mark()
-            watcher.publish("deploy", {"request_id": f"crash-{point}", "package_b64": base64.b64encode(v2.read_bytes()).decode()})
+            from prune_pack.agent.cmdauth import sign_request
+
+            req = {"request_id": f"crash-{point}", "package_b64": base64.b64encode(v2.read_bytes()).decode()}
+            watcher.publish("deploy", sign_request("deploy", req, keys(tmp_path)[0], BASE.split("/", 1)[1]))
             assert p.wait(60) == -9, p.tail()
             watcher.status("lost", start=mark)
         finally:

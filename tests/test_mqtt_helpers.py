@@ -153,10 +153,20 @@ class Watcher:
             payload = json.dumps(payload)
         self.client.publish(f"{BASE}/cmd/{cmd}", payload, qos=1).wait_for_publish(5)
 
-    def call(self, cmd: str, body: Optional[dict] = None, timeout: float = 30.0) -> dict:
-        rid = f"r{time.monotonic_ns()}"
+    def call(self, cmd: str, body: Optional[dict] = None, timeout: float = 30.0, sign: Optional[bool] = None,
+             device: str = f"{SITE}/{DEV}") -> dict:
+        """Send a request and wait for its answer. Signed (agent.cmdauth) with the test command key
+        (``COMMAND_KEY``, set by ``agent_config``) unless ``sign`` is False."""
+        rid = (body or {}).get("request_id") or f"r{time.monotonic_ns()}"
         start = self.mark()
-        self.publish(cmd, {"request_id": rid, **(body or {})})
+        req = {"request_id": rid, **(body or {})}
+        if sign is None:
+            sign = COMMAND_KEY[0] is not None
+        if sign:
+            from prune_pack.agent.cmdauth import sign_request
+
+            req = sign_request(cmd, req, COMMAND_KEY[0], device)
+        self.publish(cmd, req)
         return self.wait_for(lambda t, b: t == f"{BASE}/cmd/{cmd}/res" and b.get("request_id") == rid, timeout, start)[1]
 
     def raw(self, cmd: str, payload: bytes | str, timeout: float = 20.0) -> dict:
@@ -177,10 +187,16 @@ class Watcher:
 # ---------------------------------------------------------------- packages and config
 
 
+# The key the test host signs commands with (agent_config sets it to the test's key).
+COMMAND_KEY: list[Optional[Path]] = [None]
+
+
 def keys(tmp: Path) -> tuple[Path, Path]:
+    """The test host's key pair, where the host's default key lives when XDG_CONFIG_HOME=tmp/xdg
+    (packages and commands are signed with it; the agent trusts it for both roles)."""
     from prune_pack.agent.keys import generate_keypair
 
-    d = tmp / "keys"
+    d = tmp / "xdg" / "prune-pack"
     if (d / "signing.key").exists():
         return d / "signing.key", d / "signing.pub"
     return generate_keypair(d)
@@ -209,7 +225,9 @@ def tampered(tmp: Path, pkg: Path) -> Path:
 def agent_config(tmp: Path, broker: Any, **agent: Any) -> dict:
     pw = tmp / "device.pw"
     pw.write_text("device-secret\n")
-    _, pub = keys(tmp)
+    priv, pub = keys(tmp)
+    COMMAND_KEY[0] = priv
+    agent.setdefault("command_keys", [str(pub)])
     return {
         "device": {"id": DEV, "site": SITE},
         "mqtt": {"broker": broker.url if broker else None, "username": "device", "password_file": str(pw),

@@ -24,6 +24,7 @@ def host_mqtt(broker) -> MqttSection:
 @pytest.fixture
 def device(broker, tmp_path, monkeypatch):
     monkeypatch.setenv("PP_HOST_PW", "host-secret")
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))  # the host's own key signs commands
     w = Watcher(broker)
     d = InProcessDaemon(agent_config(tmp_path, broker))
     w.status("online")
