@@ -27,6 +27,7 @@ GAUGES = (
     ("rss_bytes", "agent process resident memory", DEV),
     ("outbox_pending", "messages waiting in the device's offline queue", DEV),
     ("harvest_paused", "1 while the device's frame harvesting is paused", DEV),
+    ("agent_degraded", "1 while the agent reports itself degraded (telemetry health: e.g. its state disk is full)", DEV),
     ("stream_up", "1 while the stream delivers frames", STREAM),
     ("stream_fps", "processed frames per second (device, last 5 s)", STREAM),
     ("stream_input_fps", "frames read per second (device, last 5 s)", STREAM),
@@ -98,6 +99,9 @@ class Families:
         queue = telemetry.get("queue")
         if isinstance(queue, dict) and num(queue.get("pending")) is not None:
             g["outbox_pending"].add_metric(dl, num(queue["pending"]))
+        health = telemetry.get("health")
+        if isinstance(health, dict) and isinstance(health.get("degraded"), bool):
+            g["agent_degraded"].add_metric(dl, 1.0 if health["degraded"] else 0.0)
         paused = _harvest_paused(telemetry.get("harvest"))
         if paused is not None:
             g["harvest_paused"].add_metric(dl, 1.0 if paused else 0.0)

@@ -41,14 +41,20 @@ def test_promtool_unit_tests_every_alert_rule():
     r = subprocess.run([promtool, "test", "rules", "alerts.test.yml"], cwd=RULES.parent, capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
-    # every alert has a test group that expects it to fire
+    # every alert has a test that expects it to fire and one that expects it quiet
     import yaml
 
-    alerts = {r["alert"] for g in yaml.safe_load(RULES.read_text())["groups"] for r in g["rules"] if "alert" in r}
+    alerts = _alert_names()
     tests = yaml.safe_load((RULES.parent / "alerts.test.yml").read_text())["tests"]
     fired = {t["alertname"] for g in tests for t in g["alert_rule_test"] if t["exp_alerts"]}
     quiet = {t["alertname"] for g in tests for t in g["alert_rule_test"] if not t["exp_alerts"]}
     assert alerts == fired == quiet, (alerts, fired, quiet)
+
+
+def _alert_names() -> set[str]:
+    import yaml
+
+    return {r["alert"] for g in yaml.safe_load(RULES.read_text())["groups"] for r in g["rules"] if "alert" in r}
 
 
 def _exporter(broker, tmp_path):
@@ -98,6 +104,7 @@ def test_exporter_prometheus_and_every_dashboard_query(broker, tmp_path):
             assert f'prunepack_device_up{{device="{dev}",site="{site}"}} 1.0' in text
             assert f'prunepack_latency_target_seconds{{device="{dev}",site="{site}"}} {TARGET_MS / 1000}' in text
             assert re.search(rf'prunepack_model_info{{.*device="{dev}".*name="tiny".*}} 1\.0', text)
+            assert f'prunepack_agent_degraded{{device="{dev}",site="{site}"}} 0.0' in text  # telemetry health
             assert re.search(rf'prunepack_inference_latency_seconds_bucket{{device="{dev}",le="\+Inf",site="{site}",stream="cam1"}} \d+', text)
 
         publish_rollout_state(broker, "r1", {"lab/dev1": "passed", "line3/dev2": "deployed", "lab/dev9": "pending"})
@@ -135,7 +142,7 @@ def test_exporter_prometheus_and_every_dashboard_query(broker, tmp_path):
         def rules_ok() -> bool:
             groups = prom.api("rules")["groups"]
             rules = [r for g in groups for r in g["rules"]]
-            return len(rules) == 7 and all(r["health"] == "ok" for r in rules)
+            return len(rules) == len(_alert_names()) and all(r["health"] == "ok" for r in rules)
 
         wait_until(rules_ok, 30, "the alert rules to be evaluated without errors")
     finally:
