@@ -4,7 +4,8 @@ per-device state, for the Prometheus exporter (``deploy.exporter``) and the live
 
 Ordering rules (docs/mqtt.md, "Envelope" and "Offline queue"):
 
-- ``status`` is taken in arrival order. It never passes through the outbox, and the Last Will
+- ``status`` is taken in arrival order; an empty retained status (how an operator clears a
+  decommissioned device from the broker) removes the device. It never passes through the outbox, and the Last Will
   (``seq`` 0) is published by the broker *after* that session's ``online`` status.
 - ``telemetry`` is taken only when it is newer, by ``(session, seq)``, than the one held: a
   ``historical`` replay from a device's offline queue, or an at-least-once duplicate, never moves a
@@ -107,7 +108,14 @@ class FleetState:
             body = json.loads(payload)
         except ValueError:
             body = None
-        if not isinstance(body, dict) or not body:  # an empty retained message clears a topic
+        if not payload and parts[3] == "status":  # the retained status cleared: the device was decommissioned
+            with self.lock:
+                gone = self.devices.pop((parts[1], parts[2]), None)
+                self.counts["accepted"] += 1
+            if gone is not None and self.on_change is not None:
+                self.on_change(None)
+            return None
+        if not isinstance(body, dict) or not body:
             with self.lock:
                 self.counts["invalid"] += 1
             return None

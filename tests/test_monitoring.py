@@ -208,6 +208,10 @@ def test_historical_replays_never_move_values_backwards(broker, tmp_path):
         # A live message from a device whose session counter restarted (state folder reset): taken.
         send(_telemetry("s9", "d9", session=1, seq=1, processed=3, cpu=5.0))
         wait_until(lambda: metric("prunepack_frames_processed_total") == 3, 10, "the restarted device")
+        # Decommissioned: the operator clears the retained status; the device leaves /metrics.
+        pub.publish("prunepack/s9/d9/status", b"", qos=1, retain=True).wait_for_publish(5)
+        wait_until(lambda: 'device="d9"' not in http_get(f"http://127.0.0.1:{ex.port}/metrics"), 10,
+                   "the cleared device to leave /metrics")
     finally:
         pub.disconnect()
         pub.loop_stop()
