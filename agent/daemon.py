@@ -112,7 +112,7 @@ class Daemon:
     @classmethod
     def from_config(cls, cfg: Any) -> "Daemon":
         return cls(cfg.device, cfg.mqtt, cfg.agent, cfg.profile, cfg.inference, cfg.streams,
-                   getattr(cfg, "homeassistant", None))
+                   homeassistant=getattr(cfg, "homeassistant", None))
 
     # ------------------------------------------------------------ lifecycle
     def start(self) -> None:
