@@ -458,6 +458,7 @@ class Daemon:
             prev = self.store.previous
             if prev is None:
                 raise CommandError("no_previous", "there is no previous model to roll back to")
+            self._check_stored_signature(prev)
             session, precision = self._load(prev)
             m = self.store.rollback()
             self._switch(m, session, precision)
@@ -470,6 +471,7 @@ class Daemon:
 
         with self._model_lock:
             m = self.store.find(args["model"])
+            self._check_stored_signature(m)
             self._check_policy(m.manifest, args.get("force", False))
             precision = check_validated(m.manifest, self.inference.backend, self.inference.precision, args.get("force", False))
             session, precision = self._load(m, precision)
@@ -554,6 +556,12 @@ class Daemon:
             raise
         except PrunePackError as e:
             raise CommandError("profile_failed", str(e)) from None
+
+    def _check_stored_signature(self, m: StoredModel) -> None:
+        """A stored model runs again only while its signer is trusted and not revoked (keys change)."""
+        if not self._signed_by_trusted_key(m.dir):
+            raise CommandError("untrusted_key", f"stored model {m.id}: its signature no longer verifies "
+                                                "against agent.trusted_keys / revoked_keys")
 
     def _check_policy(self, manifest: dict, force: bool) -> None:
         """Expiry, device binding, and the version memory (replay/downgrade/jump guard)."""

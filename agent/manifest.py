@@ -77,7 +77,7 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$")
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 _DEVICE_SEL_RE = re.compile(r"^(\*|[A-Za-z0-9][A-Za-z0-9._-]{0,127})(/(\*|[A-Za-z0-9][A-Za-z0-9._-]{0,127}))?$")
 _MACHINE_ID_RE = re.compile(r"^[0-9a-f]{32}$")
-MAX_VERSION = 2**31 - 1  # a host counter never gets near; 2**62 would block every later version
+MAX_VERSION = 2**53 - 1  # exact in every JSON parser; 2**62 (which would block every later version) is refused
 _KEY_ID_RE = re.compile(r"^[0-9a-f]{16}$")
 _PRECISION_RE = re.compile(r"^[a-z0-9]{1,16}$")
 

@@ -306,6 +306,8 @@ class MqttLink:
             self.client.on_disconnect = self._on_disconnect
             self.client.on_message = self._on_message
             self.client.on_connect_fail = self._on_connect_fail
+            self._last_connect_error = ""
+            self._wrap_reconnect(self.client)
 
     # ---- envelope
     def envelope(self, schema: str, **fields: Any) -> dict:
@@ -344,6 +346,7 @@ class MqttLink:
             log.warning("broker refused the connection: %s", reason_code)
             return
         self.connects += 1
+        self._last_connect_error = ""
         self._drop_paho_copies(client)
         resent = self.outbox.resend_unconfirmed()
         if resent:
@@ -385,9 +388,25 @@ class MqttLink:
             msgs.clear()
             client._inflight_messages = 0  # noqa: SLF001
 
+    def _wrap_reconnect(self, client: Any) -> None:
+        """paho's loop swallows why a connection attempt failed (TLS verification, refused port,
+        DNS); log the cause once per distinct error, then let paho retry with its backoff."""
+        original = client.reconnect
+
+        def reconnect(*a: Any, **kw: Any) -> Any:
+            try:
+                return original(*a, **kw)
+            except (OSError, ValueError) as e:  # ssl.SSLError is an OSError
+                text = f"{type(e).__name__}: {e}"
+                if text != self._last_connect_error:
+                    self._last_connect_error = text
+                    log.warning("connecting to %s failed: %s", redact(self.mqtt.broker), text)
+                raise
+
+        client.reconnect = reconnect
+
     def _on_connect_fail(self, client: Any, userdata: Any) -> None:
-        # paho swallows the cause (TLS verification, refused socket); say at least that it failed.
-        log.warning("connecting to %s failed (TLS, DNS or TCP); retrying with backoff", redact(self.mqtt.broker))
+        log.debug("connection attempt to %s failed; retrying with backoff", redact(self.mqtt.broker))
 
     def _on_disconnect(self, client: Any, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
         if self._connected.is_set():

@@ -150,6 +150,21 @@ def _extract(zf: zipfile.ZipFile, info: zipfile.ZipInfo, dest: Path, limit: int,
     return n
 
 
+def _extract_model(zf: zipfile.ZipFile, info: zipfile.ZipInfo, dest: Path, manifest: dict) -> None:
+    """Stream model.onnx to ``dest`` and check it against the (authentic) manifest's size and sha256."""
+    h = hashlib.sha256()
+    try:
+        n = _extract(zf, info, dest, manifest["size"], h)
+    except zipfile.BadZipFile as e:
+        if "CRC" in str(e):  # the stored bytes were altered after packing
+            raise PackageRejected("hash_mismatch", f"model.onnx: {e}") from None
+        raise
+    if n != manifest["size"]:
+        raise PackageRejected("size_mismatch", f"model.onnx streamed {n} bytes, the manifest says {manifest['size']}")
+    if h.hexdigest() != manifest["sha256"]:
+        raise PackageRejected("hash_mismatch", f"model.onnx sha256 {h.hexdigest()[:12]}…, the manifest says {manifest['sha256'][:12]}…")
+
+
 def verify_package(
     path: Union[str, os.PathLike],
     trusted_keys: Sequence[KeyLike] = (),
@@ -211,17 +226,7 @@ def verify_package(
             if staging_root is not None:
                 Path(staging_root).mkdir(parents=True, exist_ok=True)
             stage = Path(tempfile.mkdtemp(prefix="ppk-", dir=staging_root))
-            h = hashlib.sha256()
-            try:
-                n = _extract(zf, model_info, stage / MODEL, manifest["size"], h)
-            except zipfile.BadZipFile as e:
-                if "CRC" in str(e):  # the stored bytes were altered after packing
-                    raise PackageRejected("hash_mismatch", f"model.onnx: {e}") from None
-                raise
-            if n != manifest["size"]:
-                raise PackageRejected("size_mismatch", f"model.onnx streamed {n} bytes, the manifest says {manifest['size']}")
-            if h.hexdigest() != manifest["sha256"]:
-                raise PackageRejected("hash_mismatch", f"model.onnx sha256 {h.hexdigest()[:12]}…, the manifest says {manifest['sha256'][:12]}…")
+            _extract_model(zf, model_info, stage / MODEL, manifest)
             # The verified bytes themselves, not a second read of the archive.
             write_new(stage / MANIFEST, manifest_bytes)
             if SIGNATURE in infos:

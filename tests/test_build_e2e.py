@@ -271,7 +271,7 @@ def _daemon_or_skip():
 
 
 @pytest.fixture
-def remote(broker, tmp_path):
+def remote(broker, tmp_path, monkeypatch):
     """A real agent (in this process, its loop in a thread) connected to the broker fixture, trusting
     a key made for the test; yields (host config path, device id, signing key)."""
     _daemon_or_skip()
@@ -279,14 +279,18 @@ def remote(broker, tmp_path):
     from prune_pack.agent.keys import generate_keypair
     from prune_pack.config import parse_config
 
+    # One key signs the packages (--sign) and the profile commands (deploy.remote, through
+    # $PRUNE_PACK_COMMAND_KEY); the device trusts it for both roles.
     key, pub = generate_keypair(tmp_path / "keys")
+    monkeypatch.setenv("PRUNE_PACK_COMMAND_KEY", str(key))
     (tmp_path / "device.pw").write_text("device-secret\n")
     (tmp_path / "host.pw").write_text("host-secret\n")
     dev_cfg = {
         "device": {"id": "cell-7", "site": "lab"},
         "mqtt": {"broker": broker.url, "username": "device", "password_file": str(tmp_path / "device.pw"),
                  "reconnect_min_s": 1.0, "reconnect_max_s": 2.0, "keepalive_s": 5},
-        "agent": {"state_dir": str(tmp_path / "state"), "telemetry_interval_s": 1.0, "trusted_keys": [str(pub)]},
+        "agent": {"state_dir": str(tmp_path / "state"), "telemetry_interval_s": 1.0, "trusted_keys": [str(pub)],
+                  "command_keys": [str(pub)]},
         "profile": {"runs": 20, "warmup": 2},
     }
     d = Daemon.from_config(parse_config(yaml.safe_dump(dev_cfg)))

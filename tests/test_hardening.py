@@ -122,7 +122,7 @@ def test_rollback_protection_remembers_across_names_and_restarts(agent, tmp_path
     start(max_version_jump=100)
     assert w.call("deploy", {"path": str(package(tmp_path, 3))})["error"]["reason"] == "older_version"
     # a huge version is refused and does not block the next real one
-    r = w.call("deploy", {"path": str(package(tmp_path, 2**31 - 1))})
+    r = w.call("deploy", {"path": str(package(tmp_path, 2**53 - 1))})
     assert r["error"]["reason"] == "version_jump", r
     assert w.call("deploy", {"path": str(package(tmp_path, 7))})["ok"]
     # activate is checked too: the stored v6 is older than the v7 once installed
@@ -259,3 +259,36 @@ def test_command_queue_overflow_is_answered_and_counted(agent, tmp_path):
     health = w.wait_for(lambda t, b: t.endswith("/telemetry") and b.get("health", {}).get("commands_busy", 0) >= len(busy),
                         start=first)[1]["health"]
     assert health["commands_busy"] == len(busy) and health["commands_unanswered"] == 0
+
+
+def test_a_revoked_package_key_stops_stored_models(broker, tmp_path):
+    """Package and command keys apart (the fleet setup): after the package key is revoked, the
+    model it signed is no longer served at start, nor activated or rolled back to."""
+    import test_mqtt_helpers as H
+
+    cmd_priv, cmd_pub = generate_keypair(tmp_path / "command-key")
+    pkg_pub = keys(tmp_path)[1]
+    w = Watcher(broker)
+    cfg = agent_config(tmp_path, broker, command_keys=[str(cmd_pub)])
+    H.COMMAND_KEY[0] = cmd_priv
+    d = InProcessDaemon(cfg)
+    try:
+        w.status("online")
+        assert w.call("deploy", {"path": str(package(tmp_path, 1))})["ok"]
+        assert w.call("deploy", {"path": str(package(tmp_path, 2))})["ok"]
+    finally:
+        d.stop()
+    cfg["agent"]["revoked_keys"] = [str(pkg_pub)]
+    mark = w.mark()
+    d = InProcessDaemon(cfg)
+    try:
+        st = w.status("online", start=mark)
+        assert st["model"] is None  # neither v2 nor v1 verifies any more
+        models = w.call("list-models")["result"]["models"]
+        assert len(models) == 2
+        r = w.call("activate", {"model": models[0]["id"], "force": True})
+        assert r["error"]["reason"] == "untrusted_key", r
+    finally:
+        d.stop()
+        w.close()
+    assert not w.invalid, w.invalid

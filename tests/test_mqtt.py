@@ -129,7 +129,7 @@ def _cert(subject: str, issuer_key, issuer_name, key, ca: bool, san_ip: str | No
     return b.sign(issuer_key, hashes.SHA256())
 
 
-def test_tls_with_ca_and_client_certificate(tmp_path, monkeypatch):
+def test_tls_with_ca_and_client_certificate(tmp_path, monkeypatch, caplog):
     from conftest import Broker
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -167,5 +167,18 @@ def test_tls_with_ca_and_client_certificate(tmp_path, monkeypatch):
         time.sleep(2.0)
         assert not nocert.connected
         nocert.stop()
+        # a broker certificate from another CA: refused, and the agent logs why (it used to say nothing)
+        other_key = ec.generate_private_key(ec.SECP256R1())
+        other_ca = write("other-ca.pem", _cert("other-ca", other_key, None, other_key, ca=True))
+        caplog.set_level("WARNING", logger="prune_pack.agent.mqtt")
+        wrong = _link(tmp_path / "3", f"mqtts://127.0.0.1:{b.port}",
+                      tls=TlsSection(ca=other_ca, cert=files["cli"], key=files["clikey"]))
+        wrong.start()
+        deadline = time.monotonic() + 15
+        while "certificate verify failed" not in caplog.text.lower() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not wrong.connected
+        wrong.stop()
+        assert "certificate verify failed" in caplog.text.lower(), caplog.text[-800:]
     finally:
         b.stop()
