@@ -1,7 +1,7 @@
 """``prune-pack dashboard``: a live fleet page (host extra: Starlette + uvicorn).
 
 The server is the only MQTT client (browsers never talk to the broker: they would need its
-credentials). It keeps ``deploy.fleetstate.FleetState`` fed from ``{prefix}/#`` and pushes the
+credentials). It keeps ``deploy.fleetstate.FleetState`` fed (``fleet_filters``) and pushes the
 fleet table to every open page with server-sent events (``/events``), at most every
 ``PUSH_INTERVAL_S`` and only when something changed (plus a heartbeat, so ages move). The page
 (``deploy/static/``: one HTML file, one script, uPlot vendored from npm, no build step) shows
@@ -164,7 +164,7 @@ def cli_dashboard(args: Any, cfg: Any) -> dict:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     host = dc.listen.rpartition(":")[0] or "127.0.0.1"
-    print(f"dashboard: http://{host}:{db.port}/ for {mqtt.prefix}/# on {redact(mqtt.broker)}", file=sys.stderr)
+    print(f"dashboard: http://{host}:{db.port}/ for the fleet under {mqtt.prefix}/ on {redact(mqtt.broker)}", file=sys.stderr)
     try:
         while not stop.wait(1.0) and db.thread is not None and db.thread.is_alive():
             pass

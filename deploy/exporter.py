@@ -1,7 +1,7 @@
 """``prune-pack exporter``: one Prometheus ``/metrics`` for the whole fleet, fed by MQTT.
 
-Devices only connect outward (to the broker); this process subscribes to ``{prefix}/#`` and
-serves what the retained status and the newest telemetry of every device say
+Devices only connect outward (to the broker); this process subscribes to the fleet's status,
+telemetry and rollout topics under ``{prefix}/`` (``deploy.fleetstate.fleet_filters``) and serves what the retained status and the newest telemetry of every device say
 (``deploy.fleetstate`` decides what is newest: replays never move a value backwards). Metric
 names and labels are the contract of ``monitoring/`` (alert rules and the Grafana dashboard).
 
@@ -128,7 +128,7 @@ def cli_exporter(args: Any, cfg: Any) -> dict:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    print(f"exporter: http://{parse_listen(ec.listen)[0]}:{ex.port}/metrics for {mqtt.prefix}/# on {redact(mqtt.broker)}",
+    print(f"exporter: http://{parse_listen(ec.listen)[0]}:{ex.port}/metrics for the fleet under {mqtt.prefix}/ on {redact(mqtt.broker)}",
           file=sys.stderr)
     try:
         while not stop.wait(1.0):

@@ -219,8 +219,13 @@ def _int(v: Any) -> int:
     return v if isinstance(v, int) and not isinstance(v, bool) else 0
 
 
+def fleet_filters(prefix: str) -> list[tuple[str, int]]:
+    """What the fleet state is made of: every device's status and telemetry, and the rollouts' state."""
+    return [(f"{prefix}/+/+/status", 1), (f"{prefix}/+/+/telemetry", 1), (f"{prefix}/{ROLLOUT_LEVEL}/+", 1)]
+
+
 def connect_fleet(mqtt: Any, state: FleetState, client_id: str) -> Any:
-    """A paho client that keeps ``state`` fed from ``{prefix}/#`` (reconnects and resubscribes by itself)."""
+    """A paho client that keeps ``state`` fed (``fleet_filters``; reconnects and resubscribes by itself)."""
     from prune_pack.agent.mqtt import make_client
     from prune_pack.errors import UserInputError
 
@@ -231,7 +236,9 @@ def connect_fleet(mqtt: Any, state: FleetState, client_id: str) -> Any:
 
     def on_connect(c: Any, u: Any, flags: Any, rc: Any, props: Any) -> None:
         if not rc.is_failure:
-            c.subscribe(f"{mqtt.prefix}/#", qos=1)  # clean session: renewed on every connect
+            # Clean session: renewed on every connect. The fleet state only, not {prefix}/# whole: the
+            # detections of a large fleet (thousands a second) would cost more than all the rest.
+            c.subscribe(fleet_filters(mqtt.prefix))
             c.connected.set()
 
     def on_disconnect(c: Any, *a: Any) -> None:
