@@ -56,7 +56,7 @@ def _chart(d: Device) -> dict[str, Any]:
     series = []
     for s in streams:
         col: list[Optional[float]] = [None] * len(ts)
-        for t, p95, _recent in d.history[s]:
+        for t, p95 in d.history[s]:
             col[index[t]] = p95
         series.append({"stream": s, "p95_ms": col})
     return {"device": d.key, "target_ms": d.target_ms, "t": ts, "series": series}

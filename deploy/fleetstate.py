@@ -23,7 +23,6 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
-from prune_pack.agent.metrics import histogram_quantile
 from prune_pack.agent.prom import STATES, streams_of
 
 ROLLOUT_LEVEL = "_rollout"  # {prefix}/_rollout/{ID}: three levels, never a device topic (docs/mqtt.md)
@@ -38,8 +37,7 @@ class Device:
     telemetry: dict = field(default_factory=dict)
     tel_key: tuple[int, int] = (0, 0)
     last_seen_s: Optional[float] = None  # this host's clock when the last live message came
-    history: dict[str, deque] = field(default_factory=dict)  # stream -> (ts_s, p95_ms, window p95 over the scrape)
-    _prev_hist: dict[str, tuple[list, int]] = field(default_factory=dict)
+    history: dict[str, deque] = field(default_factory=dict)  # stream -> (device ts_s, window p95_ms)
 
     @property
     def key(self) -> str:
@@ -179,30 +177,19 @@ class FleetState:
         return True
 
     def _remember(self, dev: Device, body: dict) -> None:
-        """Chart points: the device's window p95 and the p95 of the frames since the previous message
-        (from the histogram's increase, as Prometheus would compute it); none with ``history_points`` 0."""
+        """Chart points: (device time s, each stream's window p95 ms); none with ``history_points`` 0."""
         if self.history_points <= 0:
             return
         ts = _int(body.get("ts_ms")) / 1000
         for s in dev.streams():
-            name = s["stream"]
-            h = s.get("latency_seconds") or {}
-            counts, count = list(h.get("counts") or []), _int(h.get("count"))
-            prev = dev._prev_hist.get(name)
-            recent = None
-            if prev and count >= prev[1] and len(prev[0]) == len(counts):
-                inc = [a - b for a, b in zip(counts, prev[0])]
-                q = histogram_quantile(0.95, h.get("bounds") or [], inc, count - prev[1])
-                recent = round(q * 1000, 2) if q is not None else None
-            dev._prev_hist[name] = (counts, count)
             p95 = (s.get("latency_ms") or {}).get("p95")
-            dev.history.setdefault(name, deque(maxlen=self.history_points)).append((ts, p95, recent))
+            dev.history.setdefault(s["stream"], deque(maxlen=self.history_points)).append((ts, p95))
 
     def snapshot(self) -> list[Device]:
         """The devices sorted by site/device, without their chart history. Shallow copies are safe:
         an update replaces ``status`` / ``telemetry`` with new objects, it never changes them."""
         with self.lock:
-            return [dataclasses.replace(d, history={}, _prev_hist={}) for _, d in sorted(self.devices.items())]
+            return [dataclasses.replace(d, history={}) for _, d in sorted(self.devices.items())]
 
     def get(self, key: str) -> Optional[Device]:
         """One device (``site/device``) with a copy of its chart history, or None."""
@@ -211,8 +198,7 @@ class FleetState:
             d = self.devices.get((site, device))
             if d is None:
                 return None
-            return dataclasses.replace(d, history={s: deque(q, maxlen=q.maxlen) for s, q in d.history.items()},
-                                       _prev_hist={})
+            return dataclasses.replace(d, history={s: deque(q, maxlen=q.maxlen) for s, q in d.history.items()})
 
 
 def _int(v: Any) -> int:
