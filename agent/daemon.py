@@ -48,6 +48,7 @@ from prune_pack.agent.settings import (
     AgentSection,
     DeviceSection,
     HarvestSection,
+    HomeAssistantSection,
     InferenceSection,
     MqttSection,
     ProfileSection,
@@ -70,14 +71,26 @@ def _names(manifest: dict) -> dict[int, str]:
     return {}
 
 
+def _target_ms(manifest: dict) -> Optional[float]:
+    """The package's latency target: ``target: {latency_ms, percentile}`` (written by the build), if any."""
+    t = manifest.get("target")
+    v = t.get("latency_ms") if isinstance(t, dict) else None
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 else None
+
+
 # ---------------------------------------------------------------------- daemon
 
 
 class Daemon:
     def __init__(self, device: DeviceSection, mqtt: MqttSection, agent: AgentSection, profile: ProfileSection,
                  inference: InferenceSection, streams: Optional[list[StreamSection]] = None,
-                 harvest: Optional[HarvestSection] = None) -> None:
+                 harvest: Optional[HarvestSection] = None,
+                 homeassistant: Optional[HomeAssistantSection] = None) -> None:
         self.device, self.mqtt, self.agent = device, mqtt, agent
+        self.homeassistant = homeassistant
+        self.discovery: Any = None  # agent.discovery.Discovery when homeassistant.discovery is on
+        self.last_telemetry: Optional[dict] = None
+        self._metrics_httpd: Any = None  # agent.metrics_listen: this agent's own /metrics
         self.profile_cfg, self.inference, self.stream_cfgs = profile, inference, list(streams or [])
         self.state_dir = Path(agent.state_dir)
         self.store = ModelStore(self.state_dir)
@@ -102,7 +115,8 @@ class Daemon:
 
     @classmethod
     def from_config(cls, cfg: Any) -> "Daemon":
-        return cls(cfg.device, cfg.mqtt, cfg.agent, cfg.profile, cfg.inference, cfg.streams, cfg.harvest)
+        return cls(cfg.device, cfg.mqtt, cfg.agent, cfg.profile, cfg.inference, cfg.streams, cfg.harvest,
+                   homeassistant=cfg.homeassistant)
 
     # ------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -119,11 +133,21 @@ class Daemon:
         if self.agent.allow_unsigned_commands:
             log.warning("agent.allow_unsigned_commands: anyone who can publish to cmd/ can deploy and run code")
         self.link = MqttLink(self.device, self.mqtt, self.state_dir, self._enqueue, self._status_fields)
+        ha = self.homeassistant
+        if ha is not None and ha.discovery and self.link.enabled:
+            from prune_pack.agent.discovery import Discovery
+
+            self.discovery = Discovery(self.link, ha.prefix, [s.name for s in self.stream_cfgs],
+                                       lambda: self._model_info(self.store.active))
         self._load_initial()
         for name, q in (("cmd-fast", self._fast), ("cmd-slow", self._slow)):
             t = threading.Thread(target=self._worker, args=(q,), name=name, daemon=True)
             t.start()
             self._workers.append(t)
+        if self.agent.metrics_listen:
+            from prune_pack.agent.prom import AgentCollector, serve
+
+            self._metrics_httpd = serve(self.agent.metrics_listen, AgentCollector(self))
         self.link.start()
         from prune_pack.agent.frames import start_harvester
 
@@ -225,6 +249,10 @@ class Daemon:
         if self.link is not None:
             self.link.stop()
             self.link = None
+        if self._metrics_httpd is not None:
+            self._metrics_httpd.shutdown()
+            self._metrics_httpd.server_close()
+            self._metrics_httpd = None
 
     # ------------------------------------------------------------ model handling
     def _load(self, m: StoredModel, precision: Optional[str] = None) -> tuple[Any, str]:
@@ -268,6 +296,8 @@ class Daemon:
                 self.streams.swap(m.model_path, _names(m.manifest))
         if self.link is not None:
             self.link.republish_status()
+        if self.discovery is not None:  # the device's model shown in Home Assistant
+            self.discovery.publish()
         sd_notify(f"STATUS=serving {self._model_label()}")
 
     def _model_label(self) -> str:
@@ -277,7 +307,11 @@ class Daemon:
     def _model_info(self, m: Optional[StoredModel]) -> Optional[dict]:
         if m is None:
             return None
-        return {**m.summary(), "backend": self.inference.backend, "precision": self.precision or m.precision}
+        info = {**m.summary(), "backend": self.inference.backend, "precision": self.precision or m.precision}
+        target = _target_ms(m.manifest)
+        if target is not None:  # what dashboards and alerts compare the latency with
+            info["target_ms"] = target
+        return info
 
     # ------------------------------------------------------------ status / telemetry
     def _status_fields(self) -> dict:
@@ -300,7 +334,7 @@ class Daemon:
             "cpu_percent": round(cpu, 1), "system_cpu_percent": round(psutil.cpu_percent(None), 1),
             "rss_mb": round(rss / MiB, 1), "load": [round(x, 2) for x in os.getloadavg()],
             "temperature_c": temperature_c(), "uptime_s": round(time.time() - self.started, 1),
-            "model": self._model_info(self.store.active), "streams": {},
+            "model": self._model_info(self.store.active), "streams": [],
             "queue": self.link.queue_info() if self.link else {"pending": 0, "dropped": 0},
             "detections_dropped": self.link.detections_dropped if self.link else 0,
         }
@@ -310,18 +344,26 @@ class Daemon:
         if self.streams is not None:
             try:
                 m = self.streams.metrics()
-                body["streams"] = m.get("streams", {})
-                body["inference"] = {k: m.get(k) for k in ("workers", "threads", "backend", "swaps", "uptime_s")}
+                # A list with a ``stream`` field: JSON-to-metrics tools turn fields into labels, not keys.
+                body["streams"] = [{"stream": name, **v} for name, v in m.get("streams", {}).items()]
+                body["inference"] = {k: m.get(k) for k in ("workers", "threads", "backend", "swaps", "uptime_s",
+                                                           "started_ts_ms")}
             except Exception as e:  # noqa: BLE001 - telemetry must go out regardless
                 log.warning("stream metrics: %s", e)
         return body
 
     def _send_telemetry(self) -> None:
-        if self.link is None or not self.link.enabled:
+        link = self.link
+        if (link is None or not link.enabled) and self._metrics_httpd is None:
             return
         try:
-            msg = self.link.envelope(SCHEMA_TELEMETRY, **self.telemetry())
-            self.link.send(self.link.topics.telemetry, msg, qos=0, retain=True)
+            body = self.telemetry()
+            if link is not None and link.enabled:
+                msg = link.envelope(SCHEMA_TELEMETRY, **body)
+                link.send(link.topics.telemetry, msg, qos=0, retain=True)
+            else:
+                msg = {**body, "ts_ms": int(time.time() * 1000)}
+            self.last_telemetry = msg  # what the agent's own /metrics shows (agent.prom)
         except Exception as e:  # noqa: BLE001 - never let telemetry stop the working loop
             log.warning("telemetry failed: %s", e)
 

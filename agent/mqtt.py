@@ -39,7 +39,7 @@ from prune_pack.errors import ConfigError
 log = logging.getLogger("prune_pack.agent.mqtt")
 
 SCHEMA_STATUS = "status/1"
-SCHEMA_TELEMETRY = "telemetry/1"
+SCHEMA_TELEMETRY = "telemetry/2"  # 2: streams as a list, histograms and counters (docs/mqtt.md)
 SCHEMA_RESULT = "cmd-result/1"
 SCHEMA_DETECTIONS = "detections/1"
 SCHEMA_REQUEST = "cmd-request/1"  # what hosts send (documented; the device checks fields itself)
@@ -296,6 +296,8 @@ class MqttLink:
         self._confirm_s = 1.5 * mqtt.keepalive_s + 1.0
         self._link_generation = 0  # +1 per (re)connect, see _drop_paho_copies
         self.detections_dropped = 0
+        self._extra_subs: dict[str, Callable[[bytes], None]] = {}  # topic -> handler (network thread)
+        self._connected_hooks: list[Callable[[], None]] = []
         self.send_failed = 0  # messages that could not be queued (disk full)
         if self.enabled:
             self.client = make_client(mqtt, mqtt.client_id or f"prune-pack-{device.id}")
@@ -358,6 +360,13 @@ class MqttLink:
         client.publish(self.topics.status, json.dumps(self.envelope(SCHEMA_STATUS, state="online", **fields)),
                        qos=1, retain=True)
         self._connected.set()
+        for topic in self._extra_subs:
+            client.subscribe(topic, qos=1)
+        for hook in self._connected_hooks:
+            try:
+                hook()
+            except Exception as e:  # noqa: BLE001 - an add-on must not break the connection
+                log.warning("on-connect hook failed: %s", e)
         log.info("connected to %s (session %d)", redact(self.mqtt.broker), self._session)
         with self._wake:
             self._wake.notify_all()
@@ -404,7 +413,23 @@ class MqttLink:
             log.warning("disconnected from the broker (%s); queueing on disk", reason_code)
         self._connected.clear()
 
+    def add_subscription(self, topic: str, handler: Callable[[bytes], None]) -> None:
+        """Also subscribe to ``topic`` (exact, renewed on every connect); ``handler(payload)`` runs on
+        paho's network thread and must not block. Call before ``start``."""
+        self._extra_subs[topic] = handler
+
+    def add_connected_hook(self, hook: Callable[[], None]) -> None:
+        """``hook()`` after every connect, once the ``online`` status went out (network thread)."""
+        self._connected_hooks.append(hook)
+
     def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
+        extra = self._extra_subs.get(msg.topic)
+        if extra is not None:
+            try:
+                extra(msg.payload)
+            except Exception as e:  # noqa: BLE001 - never kill paho's thread
+                log.error("%s handler failed: %s", msg.topic, e)
+            return
         parts = msg.topic.split("/")
         name = parts[-1] if len(parts) >= 2 and parts[-2] == "cmd" else ""
         try:

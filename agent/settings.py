@@ -110,6 +110,9 @@ class AgentSection:
     min_free_mb: float = 64.0  # less free space in state_dir marks the agent degraded in telemetry
     max_version_jump: int = 1000  # a package more versions than this above the highest installed is refused
     watchdog: bool = True  # send systemd WATCHDOG=1 from the working loop when NOTIFY_SOCKET is set
+    # HOST:PORT of this agent's own Prometheus /metrics (sites that scrape devices directly); None = off.
+    # Needs prometheus-client: pip install 'prune-pack[metrics]'
+    metrics_listen: Optional[str] = None
 
 
 @dataclass
@@ -128,3 +131,9 @@ class HarvestSection:
     retry_s: float = 30.0  # a paused pool (full/read-only disk) retries after this long
     chunk_kb: int = 128  # frames-read answers carry at most this much of a file
     pull_kbps: float = 1024.0  # frames-read answers at most this many KiB/s (telemetry and commands come first)
+
+
+@dataclass
+class HomeAssistantSection:
+    discovery: bool = False  # publish Home Assistant MQTT discovery for this agent (opt-in; docs/mqtt.md)
+    prefix: str = "homeassistant"  # Home Assistant's discovery prefix (its MQTT integration's discovery_prefix)

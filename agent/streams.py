@@ -9,6 +9,10 @@ Frame life cycle (every frame that is read ends in exactly one bucket, so
     model raised), ``no_model`` or processed. Frames still queued at ``stop`` are ``stopped``;
     live frames skipped by ``fps_limit`` are ``fps_limit``.
 
+Counters (frames read / processed / dropped by reason, detections by class) and the cumulative
+latency histogram (``LATENCY_BUCKETS_S``, with sum and count; ``count == frames_processed``) only
+grow while the manager runs (since ``started_ts_ms``); a model swap does not reset them.
+
 Workers share one session (``run`` is thread-safe on every backend); ``swap`` loads the new
 session first and then replaces one reference under the lock: a worker snapshots the model
 when it takes a frame, so frames in flight finish on the old model.
@@ -30,13 +34,15 @@ import cv2
 import numpy as np
 
 from prune_pack.agent.detect import Detector
+from prune_pack.agent.metrics import LATENCY_BUCKETS_S, SAMPLE_WINDOW, LatencyHistogram
+from prune_pack.agent.metrics import mark as _mark
+from prune_pack.agent.metrics import percentiles as _percentiles
+from prune_pack.agent.metrics import rate as _rate
 from prune_pack.agent.settings import InferenceSection, StreamSection
 from prune_pack.errors import UserInputError
 
 log = logging.getLogger("prune_pack.agent.streams")
 
-SAMPLE_WINDOW = 256  # latency / frame-age percentiles over the last N processed frames
-RATE_WINDOW_S = 5.0  # input / processed fps over the last N seconds
 OPEN_TIMEOUT_MS = 5000  # network sources: give up opening / reading after this long
 DEFAULT_FILE_FPS = 25.0  # a file whose container has no frame rate plays at this rate
 DROP_REASONS = ("queue_full", "stale", "error", "no_model", "fps_limit", "stopped")
@@ -137,27 +143,6 @@ class _Model:
     loaded_at: float = field(default_factory=time.time)
 
 
-def _percentiles(samples: deque, qs: tuple[int, ...]) -> dict[str, Optional[float]]:
-    if not samples:
-        return {f"p{q}": None for q in qs}
-    vals = np.percentile(np.fromiter(samples, float, len(samples)), qs)
-    return {f"p{q}": round(float(v), 2) for q, v in zip(qs, vals)}
-
-
-def _mark(times: deque, now: float) -> None:
-    """Record an event for a rate; old entries go at once, so memory stays bounded without readers."""
-    times.append(now)
-    while times[0] < now - RATE_WINDOW_S:
-        times.popleft()
-
-
-def _rate(times: deque, now: float, since: float) -> float:
-    while times and times[0] < now - RATE_WINDOW_S:
-        times.popleft()
-    span = min(RATE_WINDOW_S, now - since)
-    return round(len(times) / span, 2) if span > 0.05 else 0.0
-
-
 class _Stream:
     """State of one stream; counters are guarded by the manager's lock."""
 
@@ -175,6 +160,8 @@ class _Stream:
         self.dropped: Counter[str] = Counter()
         self.in_worker = 0
         self.latency: deque[float] = deque(maxlen=SAMPLE_WINDOW)
+        self.hist = LatencyHistogram(LATENCY_BUCKETS_S)
+        self.classes: Counter[str] = Counter()  # detections by class name, since start
         self.age: deque[float] = deque(maxlen=SAMPLE_WINDOW)
         self.read_times: deque[float] = deque()
         self.proc_times: deque[float] = deque()
@@ -221,6 +208,7 @@ class StreamManager:
         self._model: Optional[_Model] = None
         self._swaps = 0
         self._started_at: Optional[float] = None
+        self._started_wall = 0.0
         self._cpu_mark: Optional[tuple[float, float]] = None
         self._cpu_pct: Optional[float] = None
         self._model_path = Path(model_path) if model_path else None
@@ -275,6 +263,7 @@ class StreamManager:
                     self._close_sinks()
                     raise UserInputError(f"stream {st.name}: cannot open sink {st.cfg.sink}: {e.strerror or e}") from None
         self._started_at = time.monotonic()
+        self._started_wall = time.time()  # counters and histograms count from here (Prometheus' "created")
         self._cpu_mark = (time.monotonic(), self._cpu_seconds())
         for st in self._streams.values():
             st.thread = threading.Thread(target=self._capture_loop, args=(st,), name=f"capture-{st.name}", daemon=True)
@@ -484,7 +473,9 @@ class StreamManager:
             except Exception as e:  # a broken model must not kill the worker; the stream keeps going
                 self._finish(st, "error", f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
                 continue
-            self._finish(st, None, latency_ms=timing.total_ms, age_ms=age_ms)
+            names = model.detector.names
+            classes = Counter(names.get(k, str(k)) for k in det[:, 5].astype(int).tolist()) if len(det) else None
+            self._finish(st, None, latency_ms=timing.total_ms, age_ms=age_ms, classes=classes)
             try:
                 self._emit(st, frame, model, det, timing.total_ms, age_ms)
             except Exception as e:  # noqa: BLE001 - e.g. a full disk under the sink: count it, keep inferring
@@ -495,7 +486,7 @@ class StreamManager:
                 self.harvester.offer(st.name, frame.img, frame.wall, det)  # never blocks, never raises
 
     def _finish(self, st: _Stream, drop: Optional[str], error: Optional[str] = None, latency_ms: float = 0.0,
-                age_ms: float = 0.0) -> None:
+                age_ms: float = 0.0, classes: Optional[Counter] = None) -> None:
         with self._lock:
             st.in_worker -= 1
             if drop:
@@ -508,6 +499,9 @@ class StreamManager:
                 _mark(st.proc_times, time.monotonic())
                 st.latency.append(latency_ms)
                 st.age.append(age_ms)
+                st.hist.observe(latency_ms / 1e3)
+                if classes:
+                    st.classes.update(classes)
         if error:
             log.warning("stream %s: inference failed: %s", st.name, error)
 
@@ -584,6 +578,8 @@ class StreamManager:
                     "input_fps": _rate(st.read_times, now, since), "processed_fps": _rate(st.proc_times, now, since),
                     "frame_age_ms": _percentiles(st.age, (50, 95)),
                     "latency_ms": _percentiles(st.latency, (50, 95, 99)),
+                    "latency_seconds": st.hist.to_dict(),
+                    "detections_by_class": dict(sorted(st.classes.items())),
                     "opens": st.opens, "loops": st.loops, "errors": st.errors, "last_error": st.last_error,
                     "detections_published": st.published, "detections_suppressed": st.suppressed,
                     "publish_errors": st.publish_errors, "output_errors": st.output_errors,
@@ -593,6 +589,7 @@ class StreamManager:
         res: dict[str, Any] = {"streams": out, "workers": self.workers, "threads": self.threads,
                                "model": str(model.path) if model and model.path else None,
                                "backend": getattr(model.session, "backend", None) if model else None, "swaps": swaps,
-                               "uptime_s": round(now - since, 1) if self._started_at else 0.0}
+                               "uptime_s": round(now - since, 1) if self._started_at else 0.0,
+                               "started_ts_ms": int(self._started_wall * 1000) if self._started_at else None}
         res.update(self._process_metrics())
         return res

@@ -174,7 +174,7 @@ def _verify(opts: BuildOptions, pipe: Pipeline, res: SearchResult, judge: Judge,
 
     def prepare_final(c: Candidate, short: bool) -> None:
         final_pt = pipe.model_pt if c.ratio == 0 else pipe.recovered(c, short)
-        after = (pipe.final_package(c, final_pt, name).get("after") or {}).get("map50_95")
+        after = (pipe.final_package(c, final_pt, name, res.target_ms).get("after") or {}).get("map50_95")
         check_floor(opts, res, c, before["map50_95"], after)
 
     judge.budget = max(judge.budget, opts.max_measurements)

@@ -436,6 +436,7 @@ def build_manifest(
     version: Optional[int] = None,
     parity: Optional[dict] = None,
     quantization: Optional[dict] = None,
+    target: Optional[dict] = None,
 ) -> dict:
     """Everything the device and a reviewer need to know about one deployment.
 
@@ -466,6 +467,8 @@ def build_manifest(
         man["parity"] = parity
     if quantization is not None:
         man["quantization"] = quantization
+    if target is not None:  # {latency_ms, percentile}: what the device's dashboards and alerts compare with
+        man["target"] = target
     return man
 
 
@@ -597,6 +600,7 @@ def export_package(
     backends: Sequence[str] = ("ort", "openvino"),
     val_fn: Optional[Callable[[Any, Any, int], dict]] = None,
     int8_engine: str = "ort",
+    target: Optional[dict] = None,
 ) -> dict:
     """export -> parity -> (INT8 -> val both -> gate) -> manifest -> package.
 
@@ -674,7 +678,7 @@ def export_package(
             pkg.record_version(name, version, registry)  # the next automatic version stays newer
         man = build_manifest(name=name, version=version, onnx_path=final, names=names, precision=precision, imgsz=imgsz,
                              provenance=provenance_of(model_pt, prune_prov), metrics=metrics, validated=validated,
-                             parity=parity, quantization=quant)
+                             parity=parity, quantization=quant, target=target)
         path = pkg.write_package(final, man, out, signing_key=sign, registry=registry)
         version = pkg.read_manifest(path)["version"]
     return {

@@ -269,7 +269,7 @@ class Pipeline:
         self.work.save()
         return out
 
-    def final_package(self, c: Candidate, final_pt: Path, name: str) -> dict:
+    def final_package(self, c: Candidate, final_pt: Path, name: str, target_ms: float) -> dict:
         """Export, parity check, (INT8 with its gate), validation and the signed package of ``c``."""
         from prune_pack.deploy.export import export_package
 
@@ -293,7 +293,9 @@ class Pipeline:
                                max_map_drop=self.cfg.export.int8_max_map_drop, val_fn=val_fn,
                                registry=self.work.dir / "versions.json", int8_engine=self.int8_engine(c),
                                backends=("ort", "openvino") if c.backend == "openvino" or self.opts.backend == "auto"
-                               else ("ort",))
+                               else ("ort",),
+                               # what the device's dashboards and alerts compare its live latency with
+                               target={"latency_ms": round(target_ms, 3), "percentile": self.opts.percentile})
         r = {k: v for k, v in r.items() if k != "summary"}
         r["source"] = str(final_pt)
         r["after"] = (r.pop("accuracy", None) or {}).get(c.precision if c.precision == "int8" else "fp32")

@@ -116,3 +116,14 @@ class RolloutSection:
     deploy_timeout_s: float = 120.0  # a device's deploy answer
     rollback_timeout_s: float = 60.0  # a device's rollback answer and the retained status confirming it
     state_dir: str = "~/.local/state/prune-pack/rollouts"  # append-only audit logs (one JSONL file per rollout)
+
+
+@dataclass
+class ExporterSection:
+    listen: str = "127.0.0.1:9108"  # prune-pack exporter: HOST:PORT of /metrics (9108: free in Prometheus' port list)
+
+
+@dataclass
+class DashboardSection:
+    listen: str = "127.0.0.1:8108"  # prune-pack dashboard: HOST:PORT of the live page
+    history_points: int = 720  # latency points kept per stream for the chart (one per telemetry message)

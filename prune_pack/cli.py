@@ -37,6 +37,8 @@ HANDLERS: dict[str, tuple[str, str, bool]] = {
     "agent run": ("prune_pack.agent.daemon", "cli_agent_run", False),
     "frames pull": ("prune_pack.deploy.frames", "cli_frames_pull", False),
     "frames stats": ("prune_pack.deploy.frames", "cli_frames_stats", False),
+    "exporter": ("prune_pack.deploy.exporter", "cli_exporter", False),
+    "dashboard": ("prune_pack.deploy.dashboard", "cli_dashboard", False),
     "config check": ("prune_pack.cli", "cli_config_check", False),
 }
 
@@ -183,6 +185,14 @@ def build_parser() -> argparse.ArgumentParser:
     ro.add_argument("--dry-run", dest="dry_run", action="store_true", help="show the waves and the offline devices; touch nothing")
     ro.add_argument("--broker", metavar="URL", help="MQTT broker URL (overrides the config)")
     ro.add_argument("--wait", type=float, default=3.0, help="at most this many seconds to collect the retained statuses")
+
+    ex = sub.add_parser("exporter", parents=[common], help="one Prometheus /metrics for the fleet, fed by MQTT")
+    ex.add_argument("--broker", metavar="URL", help="MQTT broker URL (overrides the config)")
+    ex.add_argument("--listen", metavar="HOST:PORT", help="where /metrics is served (exporter.listen, default 127.0.0.1:9108)")
+
+    db = sub.add_parser("dashboard", parents=[common], help="a live fleet page in the browser, fed by MQTT")
+    db.add_argument("--broker", metavar="URL", help="MQTT broker URL (overrides the config)")
+    db.add_argument("--listen", metavar="HOST:PORT", help="where the page is served (dashboard.listen, default 127.0.0.1:8108)")
 
     a = sub.add_parser("agent", help="the device daemon")
     asub = a.add_subparsers(dest="agent_command", metavar="ACTION", parser_class=_Parser)

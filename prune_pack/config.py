@@ -20,12 +20,21 @@ from prune_pack.agent.settings import (
     AgentSection,
     DeviceSection,
     HarvestSection,
+    HomeAssistantSection,
     InferenceSection,
     MqttSection,
     ProfileSection,
     StreamSection,
 )
-from prune_pack.deploy.settings import BuildSection, ExportSection, FinetuneSection, PruneSection, RolloutSection
+from prune_pack.deploy.settings import (
+    BuildSection,
+    DashboardSection,
+    ExporterSection,
+    ExportSection,
+    FinetuneSection,
+    PruneSection,
+    RolloutSection,
+)
 from prune_pack.errors import ConfigError
 
 
@@ -38,11 +47,14 @@ class Config:
     inference: InferenceSection = field(default_factory=InferenceSection)
     streams: list[StreamSection] = field(default_factory=list)
     harvest: HarvestSection = field(default_factory=HarvestSection)
+    homeassistant: HomeAssistantSection = field(default_factory=HomeAssistantSection)
     prune: PruneSection = field(default_factory=PruneSection)
     finetune: FinetuneSection = field(default_factory=FinetuneSection)
     export: ExportSection = field(default_factory=ExportSection)
     build: BuildSection = field(default_factory=BuildSection)
     rollout: RolloutSection = field(default_factory=RolloutSection)
+    exporter: ExporterSection = field(default_factory=ExporterSection)
+    dashboard: DashboardSection = field(default_factory=DashboardSection)
     origin: Optional[str] = field(default=None, metadata={"internal": True})  # the file it came from
 
 

@@ -109,8 +109,10 @@ class Broker:
         os.chmod(passwd, 0o600)
         acl = root / "acl"
         acl.write_text(
-            "user device\ntopic readwrite prunepack/#\ntopic readwrite test/#\n\n"
-            "user host\ntopic readwrite prunepack/#\ntopic readwrite test/#\n\n"
+            "user device\ntopic readwrite prunepack/#\ntopic readwrite test/#\n"
+            # Home Assistant discovery: the two lines docs/mqtt.md asks for
+            "topic write homeassistant/device/+/config\ntopic read homeassistant/status\n\n"
+            "user host\ntopic readwrite prunepack/#\ntopic readwrite test/#\ntopic readwrite homeassistant/#\n\n"
             "user viewer\ntopic read prunepack/#\ntopic read test/#\n"
         )
         os.chmod(acl, 0o600)

@@ -192,6 +192,10 @@ def test_target_already_met_still_exports_packages_and_reports(tiny, tmp_path):
     assert Path(res["package"]).is_file() and (out / "report.md").is_file()
     assert "Device (the shipped package's verification): backend=ort, precision=fp32" in (out / "report.md").read_text()
     assert "build: pruning" not in r.stderr
+    from prune_pack.agent.package import read_manifest
+
+    # the target travels with the package: the agent reports it (model.target_ms) for dashboards and alerts
+    assert read_manifest(res["package"])["target"] == {"latency_ms": 100000.0, "percentile": "p95"}
 
 
 def _squashed_copy(data: Path, dst: Path, aspect: float) -> Path:

@@ -264,8 +264,15 @@ def test_streams_detections_telemetry_and_hot_swap(broker, tmp_path):
         assert w.call("deploy", {"path": str(package(tmp_path, 1))})["ok"]  # starts the streams
         det = w.wait_for(lambda t, b: t == f"{BASE}/detections/cam1")[1]
         assert det["stream"] == "cam1" and isinstance(det["detections"], list)
-        tel = w.wait_for(lambda t, b: t.endswith("/telemetry") and "cam1" in b.get("streams", {}))[1]
-        assert tel["streams"]["cam1"]["frames_read"] >= 1
+        tel = w.wait_for(lambda t, b: t.endswith("/telemetry") and any(
+            s["stream"] == "cam1" and s["frames_processed"] >= 3 for s in b.get("streams", [])))[1]
+        (cam,) = tel["streams"]
+        assert cam["stream"] == "cam1" and cam["frames_read"] >= cam["frames_processed"] >= 3
+        h = cam["latency_seconds"]  # cumulative histogram over every processed frame of the session
+        assert h["count"] == cam["frames_processed"] and h["counts"] == sorted(h["counts"]) and h["counts"][-1] <= h["count"]
+        assert 0 < h["sum"] and len(h["counts"]) == len(h["bounds"])
+        assert sum(cam["detections_by_class"].values()) >= 1  # conf 0.01 on noise: tiny.onnx finds something
+        assert {x["name"] for x in det["detections"]} <= set(cam["detections_by_class"])  # by class name
         assert w.call("deploy", {"path": str(package(tmp_path, 2))})["ok"]  # hot swap, streams keep running
         mark = w.mark()
         w.wait_for(lambda t, b: t == f"{BASE}/detections/cam1", start=mark)

@@ -204,7 +204,7 @@ def _outage_scenario(p, proxy, broker, watcher, tmp_path) -> None:
 def _check_nothing_lost(watcher) -> None:
     msgs = [(t, b) for t, b, retain in watcher.device_messages() if isinstance(b, dict) and b.get("seq")]
     historical = [b for _, b in msgs if b.get("historical")]
-    assert len([b for b in historical if b["schema"] == "telemetry/1"]) >= 5  # ~3 s of telemetry at 0.2 s
+    assert len([b for b in historical if b["schema"] == "telemetry/2"]) >= 5  # ~3 s of telemetry at 0.2 s
     # nothing lost: every session's messages arrive with seq 1..n without a gap (deduplicated)
     seqs = defaultdict(set)
     for _, b in msgs:
