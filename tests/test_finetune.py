@@ -23,6 +23,7 @@ import yaml  # noqa: E402
 
 from prune_pack.errors import UserInputError  # noqa: E402
 from prune_pack.pruning import finetune as F  # noqa: E402
+from prune_pack.pruning import recover as R  # noqa: E402
 from tests.conftest import shared_path  # noqa: E402
 
 IMGSZ = 160
@@ -99,7 +100,7 @@ def test_checkpoint_is_fp32_keeps_provenance_and_reloads_in_fresh_process(pruned
     assert {p.dtype for p in raw["model"].parameters()} == {torch.float32}
     assert raw["prune_pack"] == torch.load(pruned_pt, map_location="cpu", weights_only=False)["prune_pack"]
     rec = raw["finetune"]
-    assert rec["epochs"] == 1 and rec["lr0"] == 0.002 and rec["teacher_sha256"] is None
+    assert rec["epochs"] == 1 and rec["lr"] == 0.002 and rec["teacher_sha256"] is None
     assert rec["data"] == str(Path(tiny_data).resolve())
     code = (
         "import sys, torch\n"
@@ -139,7 +140,7 @@ def test_class_transfer_to_bccd(ft_dir, pruned_pt):
     data = shared_path("data", "bccd", "data.yaml")  # read-only: labels cache cannot be written there
     out = ft_dir / "bccd.pt"
     res = F.finetune(pruned_pt, data, epochs=1, imgsz=IMGSZ, out=out, batch=8, progress=False,
-                     fraction=0.05, measure_before=False)
+                     fraction=0.05, measure=False)
     assert res["classes_adapted"]
     model, ckpt = F.load_detection_checkpoint(out)
     src, _ = F.load_detection_checkpoint(pruned_pt)
@@ -157,7 +158,7 @@ def test_class_transfer_to_bccd(ft_dir, pruned_pt):
 def test_distillation_from_unpruned_teacher(ft_dir, pruned_pt, tiny_data, coco_pt):
     out = ft_dir / "kd.pt"
     res = F.finetune(pruned_pt, tiny_data, epochs=1, imgsz=IMGSZ, out=out, batch=8, progress=False,
-                     teacher=coco_pt, measure_before=False)
+                     teacher=coco_pt, measure=False)
     assert res["distill"]
     assert res["losses"].get("dis_loss", 0.0) > 0.0  # the teacher really contributed a loss term
     raw = torch.load(out, map_location="cpu", weights_only=False)
@@ -222,41 +223,13 @@ def test_cli_finetune_and_val_json(tmp_path, pruned_pt, tiny_data):
     assert p.returncode == 0, p.stderr[-2000:]
     res = json.loads(p.stdout.strip().splitlines()[-1])
     assert res["out"] == str(out) and res["epochs"] == 1 and "map50_95" in res["after"]
-    assert torch.load(out, map_location="cpu", weights_only=False)["finetune"]["lr0"] == 0.001
+    assert torch.load(out, map_location="cpu", weights_only=False)["finetune"]["lr"] == 0.001
     assert sorted(x.name for x in tmp_path.iterdir()) == ["cli.pt"]  # no ./runs in the user's cwd
     p = _run_cli("val", "--model", str(out), "--data", str(tiny_data), "--imgsz", str(IMGSZ), "--json", cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-2000:]
     m = json.loads(p.stdout.strip().splitlines()[-1])
     assert m["map50_95"] == pytest.approx(F.validate(out, tiny_data, imgsz=IMGSZ)["map50_95"], abs=1e-4)
     assert isinstance(m["per_class"], dict)
-
-
-def test_iterative_prune_and_recover(tmp_path, coco_pt, tiny_data):
-    out = tmp_path / "iter.pt"
-    res = F.iterative_prune_finetune(coco_pt, tiny_data, ratio=0.3, steps=2, epochs_per_step=1, criterion="l1",
-                                     imgsz=IMGSZ, out=out, progress=False, batch=8, measure_before=False,
-                                     prune_kwargs={"allocation": "uniform"})
-    assert [r["step"] for r in res["steps"]] == [1, 2]
-    assert res["steps"][1]["params"] < res["steps"][0]["params"]  # the second round pruned further
-    raw = torch.load(out, map_location="cpu", weights_only=False)
-    assert {p.dtype for p in raw["model"].parameters()} == {torch.float32}
-    assert raw["prune_pack"]["provenance"]["base_provenance"]  # the chain back to the first round
-    assert raw["finetune"]["epochs"] == 1
-    assert sum(F.layer_widths(raw["model"]).values()) < sum(F.layer_widths(F.load_detection_checkpoint(coco_pt)[0]).values())
-
-
-def test_iterative_prune_and_distill_from_the_original(tmp_path, coco_pt, tiny_data):
-    from prune_pack.pruning.sources import sha256_file
-
-    out = tmp_path / "iter-kd.pt"
-    res = F.iterative_prune_finetune(coco_pt, tiny_data, ratio=0.2, steps=2, epochs_per_step=1, imgsz=IMGSZ, out=out,
-                                     progress=False, method="auto", batch=4, measure=False,
-                                     prune_kwargs={"allocation": "uniform", "calib_images": 4})
-    assert [r["method"] for r in res["steps"]] == ["distill", "distill"]
-    raw = torch.load(out, map_location="cpu", weights_only=False)
-    assert raw["finetune"]["method"] == "distill"
-    assert raw["finetune"]["teacher_sha256"] == sha256_file(coco_pt)  # every round learns from the unpruned model
-    assert raw["prune_pack"]["provenance"]["base_provenance"]["base_sha256"] == sha256_file(coco_pt)
 
 
 # ----------------------------------------------------------------------------- distillation recovery
@@ -302,9 +275,9 @@ def test_distill_refuses_other_classes_and_auto_picks_labels_for_them(ft_dir, pr
     other.write_text(yaml.safe_dump({**cfg, "path": str(tiny_data.parent), "names": {0: "part", 1: "scratch"}}))
     with pytest.raises(UserInputError, match="classes"):
         distill(pruned_pt, other, tmp_path / "x.pt", imgsz=IMGSZ, iterations=1, measure=False, progress=False)
-    assert F.choose_method("auto", pruned_pt, other) == "labels"
-    assert F.choose_method("auto", pruned_pt, tiny_data) == "distill"
-    assert F.choose_method("labels", pruned_pt, tiny_data) == "labels"
+    assert R.choose_method("auto", pruned_pt, other) == "labels"
+    assert R.choose_method("auto", pruned_pt, tiny_data) == "distill"
+    assert R.choose_method("labels", pruned_pt, tiny_data) == "labels"
     with pytest.raises(UserInputError, match="epochs"):
         distill(pruned_pt, tiny_data, tmp_path / "x.pt", imgsz=IMGSZ, measure=False, progress=False)
     assert not (tmp_path / "x.pt").exists()

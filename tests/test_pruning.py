@@ -219,7 +219,7 @@ def test_bias_compensation_reduces_output_error(coco_pt, coco128_yaml):
         ctx.in_stats = I.collect_input_stats(model, groups, calib)
         scores = I.group_scores(groups, "act_var", ctx)
         plan = P.uniform_plan(groups, 0.1, 8, 0.75)
-        P.apply_plan(model, dg, groups, plan, scores, ctx, bias_compensation=mode != "none", lsq=mode == "lsq")
+        P.apply_plan(model, dg, groups, plan, scores, ctx, compensation=mode)
         with torch.no_grad():
             errs[mode] = P.distortion(model(x)[0], ref, 80)
     assert errs["lsq"] < errs["mean"] < errs["none"], errs
@@ -254,7 +254,7 @@ def test_lsq_criterion_removes_one_of_two_twins_first_and_keeps_the_other(coco_p
     other = copy_to if first == best else best
     assert float(order[other]) > float(order.median())  # once its twin is gone, it carries the information
     with pytest.raises(UserInputError, match="needs compensation 'lsq'"):
-        prune_model(coco_pt, 0.1, criterion="lsq", reconstruct=False, progress=False)
+        prune_model(coco_pt, 0.1, criterion="lsq", compensation="mean", progress=False)
 
 
 def test_bn_recalibration_matches_the_calibration_statistics(coco_pt, coco128_yaml):
