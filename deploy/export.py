@@ -220,6 +220,32 @@ def _quantize_and_gate(fp32: Path, td: Path, engine: str, calib: list[Path], dat
     return q, quant, v8, gate_backend
 
 
+def _gate(fp32: Path, td: Path, data_yaml: Optional[str | Path], imgsz: ImgSz, engine: Optional[str], calib: list[Path],
+          max_map_drop: float, val_fn: Optional[Callable], backends: Sequence[str],
+          metrics: dict) -> tuple[Path, str, Optional[dict], list[dict], dict[str, dict]]:
+    """Validate FP32, quantize and gate INT8 (with ``engine``), validate other backends; updates ``metrics``.
+    Returns (final file, precision, quantization record, ``validated`` entries, full accuracy per precision)."""
+    final, precision, quant = fp32, "fp32", None
+    validated: list[dict] = []
+    accuracy: dict[str, dict] = {}  # precision -> the full validation result (per class too)
+    if data_yaml is None:
+        return final, precision, quant, validated, accuracy
+    _log("validating FP32 ONNX on the val split")
+    v32 = accuracy["fp32"] = val_onnx(fp32, data_yaml, imgsz, val_fn)
+    validated.append({"backend": "ort", "precision": "fp32", "map50_95": v32["map50_95"], "map50": v32["map50"]})
+    metrics.update(map50_95=v32["map50_95"], map50=v32["map50"])
+    if engine:
+        final, quant, v8, gate_backend = _quantize_and_gate(fp32, td, engine, calib, Path(data_yaml), imgsz, v32,
+                                                            max_map_drop, val_fn)
+        accuracy["int8"] = v8
+        validated.append({"backend": gate_backend, "precision": "int8", "map50_95": v8["map50_95"], "map50": v8["map50"]})
+        backends = [b for b in backends if b != gate_backend]  # validated above
+        metrics.update(map50_95=v8["map50_95"], map50=v8["map50"], fp32_map50_95=v32["map50_95"])
+        precision = "int8"
+    validated += _validate_backends(final, precision, Path(data_yaml), imgsz, v32["map50_95"], max_map_drop, backends)
+    return final, precision, quant, validated, accuracy
+
+
 def _pack(final: Path, out: Path, *, name: str, version: Optional[int], registry: Optional[str | Path],
           sign: Optional[str | Path], manifest: dict) -> tuple[Path, int]:
     from prune_pack.agent import package as pkg
@@ -288,26 +314,11 @@ def export_package(
         parity = check_parity(yolo, fp32, parity_images or default_parity_images(n_parity_images), imgsz)
         _log(f"parity OK: max |box| {parity['max_abs_box_px']:.2e} px, |score| {parity['max_abs_score']:.2e}, "
              f"{parity['detections_onnx']} detections matched")
-        final, precision, quant = fp32, "fp32", None
-        validated: list[dict] = []
-        accuracy: dict[str, dict] = {}  # precision -> the full validation result (per class too)
         metrics: dict = model_stats(yolo, imgsz)
-        if data_yaml is not None:
-            _log("validating FP32 ONNX on the val split")
-            v32 = accuracy["fp32"] = val_onnx(fp32, data_yaml, imgsz, val_fn)
-            validated.append({"backend": "ort", "precision": "fp32", "map50_95": v32["map50_95"], "map50": v32["map50"]})
-            metrics.update(map50_95=v32["map50_95"], map50=v32["map50"])
-        if engine:
-            final, quant, v8, gate_backend = _quantize_and_gate(fp32, td, engine, calib, Path(data_yaml), imgsz, v32,
-                                                                max_map_drop, val_fn)
-            accuracy["int8"] = v8
+        final, precision, quant, validated, accuracy = _gate(fp32, td, data_yaml, imgsz, engine, calib, max_map_drop, val_fn,
+                                                             backends, metrics)
+        if quant is not None:
             quant["calibration"] = "unlabeled frames" if unlabeled is not None else "train split"
-            validated.append({"backend": gate_backend, "precision": "int8", "map50_95": v8["map50_95"], "map50": v8["map50"]})
-            backends = [b for b in backends if b != gate_backend]  # validated above
-            metrics.update(map50_95=v8["map50_95"], map50=v8["map50"], fp32_map50_95=v32["map50_95"])
-            precision = "int8"
-        if data_yaml is not None:
-            validated += _validate_backends(final, precision, Path(data_yaml), imgsz, v32["map50_95"], max_map_drop, backends)
         frames = {"int8_calibration": len(calib) if unlabeled is not None and engine else 0}
         if out.suffix == ".onnx":
             out.parent.mkdir(parents=True, exist_ok=True)

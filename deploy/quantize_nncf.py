@@ -220,35 +220,9 @@ def quantize_int8_nncf(
 
     # Images are letterboxed lazily, one per calibration step, as Ultralytics' predictor does.
     dataset = nncf.Dataset(list(calib_images), lambda p: {input_name: letterbox_batch([p], imgsz)[0]})
-    import logging
-
-    from nncf.common.logging import nncf_logger
-
-    level = nncf_logger.level
-    nncf_logger.setLevel(logging.WARNING)  # NNCF logs one INFO line per ignored node
     common: dict[str, Any] = {"preset": presets[preset], "subset_size": len(calib_images), "fast_bias_correction": fast_bias_correction,
                               "ignored_scope": nncf.IgnoredScope(names=excluded) if excluded else None}
-    ev: Optional[MapEvaluator] = None
-    try:
-        if accuracy_control is None:
-            q = nncf.quantize(m, dataset, **common)
-        else:
-            from nncf.quantization.advanced_parameters import AdvancedAccuracyRestorerParameters
-
-            ev = MapEvaluator(accuracy_control.images, imgsz)
-            q = nncf.quantize_with_accuracy_control(
-                m, dataset, nncf.Dataset(list(range(len(ev)))), ev, max_drop=accuracy_control.max_drop, **common,
-                advanced_accuracy_restorer_parameters=AdvancedAccuracyRestorerParameters(
-                    max_num_iterations=accuracy_control.max_iterations, ranking_subset_size=accuracy_control.ranking_subset,
-                    num_ranking_workers=1),  # one model compiled at a time: the CPU is the bottleneck, not compilation
-            )
-    except PrunePackError:
-        raise
-    except Exception as e:  # noqa: BLE001 - one line for the CLI
-        msg = (str(e).splitlines() or [""])[0][:300]
-        raise PrunePackError(f"NNCF INT8 quantization of {src.name} failed: {type(e).__name__}: {msg}") from None
-    finally:
-        nncf_logger.setLevel(level)
+    q, ev = _run_nncf(m, dataset, common, accuracy_control, imgsz, src.name)
     n_u8 = activations_to_u8(q)
     onnx.save(q, str(out))
     _copy_metadata(src, out)
@@ -268,3 +242,36 @@ def quantize_int8_nncf(
                 "reverted_ops": sorted((ev.first_quantized or set()) - quantized_ops(q)),
                 "reverted_convs": float_convs(q, names)}
     return out
+
+
+def _run_nncf(m: Any, dataset: Any, common: dict[str, Any], accuracy_control: Optional[AccuracyControl], imgsz: ImgSz,
+              name: str) -> tuple[Any, Optional[MapEvaluator]]:
+    """``nncf.quantize`` (or its accuracy-aware variant) with NNCF's per-node INFO lines muted; one-line errors."""
+    import logging
+
+    import nncf
+    from nncf.common.logging import nncf_logger
+
+    level = nncf_logger.level
+    nncf_logger.setLevel(logging.WARNING)  # NNCF logs one INFO line per ignored node
+    ev: Optional[MapEvaluator] = None
+    try:
+        if accuracy_control is None:
+            return nncf.quantize(m, dataset, **common), None
+        from nncf.quantization.advanced_parameters import AdvancedAccuracyRestorerParameters
+
+        ev = MapEvaluator(accuracy_control.images, imgsz)
+        q = nncf.quantize_with_accuracy_control(
+            m, dataset, nncf.Dataset(list(range(len(ev)))), ev, max_drop=accuracy_control.max_drop, **common,
+            advanced_accuracy_restorer_parameters=AdvancedAccuracyRestorerParameters(
+                max_num_iterations=accuracy_control.max_iterations, ranking_subset_size=accuracy_control.ranking_subset,
+                num_ranking_workers=1),  # one model compiled at a time: the CPU is the bottleneck, not compilation
+        )
+        return q, ev
+    except PrunePackError:
+        raise
+    except Exception as e:  # noqa: BLE001 - one line for the CLI
+        msg = (str(e).splitlines() or [""])[0][:300]
+        raise PrunePackError(f"NNCF INT8 quantization of {name} failed: {type(e).__name__}: {msg}") from None
+    finally:
+        nncf_logger.setLevel(level)

@@ -120,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--model", metavar="PT|ONNX", required=True)
     v.add_argument("--data", metavar="YAML", required=True)
     v.add_argument("--imgsz", type=int, default=640)
-    v.add_argument("--batch", type=int, default=16, help="batch size for .pt (a static ONNX runs batch 1)")
+    v.add_argument("--batch", type=int, help="batch size for .pt (default 1: Ultralytics' NMS time limit per batch cuts large batches short on a loaded CPU)")
 
     e = sub.add_parser("export", parents=[common], help="export to ONNX (optionally INT8) with a parity check, and pack")
     e.add_argument("--model", metavar="PT", required=True)

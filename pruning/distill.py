@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 import os
 import random
+import shutil
 import sys
 import tempfile
 import time
@@ -195,14 +196,7 @@ def distill(
     FP32 checkpoint keeping the ``prune_pack`` record, with a ``finetune`` record (``method: distill``).
     """
     batch = batch or DEFAULT_BATCH["cuda" if train_device.startswith("cuda") else "cpu"]
-    if imgsz < 32 or imgsz % 32:
-        raise UserInputError(f"--imgsz must be a multiple of 32 (>= 32), got {imgsz}")
-    if batch < 1 or lr <= 0:
-        raise UserInputError(f"batch ({batch}) must be >= 1 and lr ({lr}) > 0")
-    if iterations is None and not epochs and not time_budget_min:
-        raise UserInputError("distillation needs --epochs or --time-budget-min")
-    if (iterations is not None and iterations < 1) or (epochs is not None and epochs <= 0):
-        raise UserInputError(f"epochs ({epochs}) and iterations ({iterations}) must be positive")
+    _check_args(imgsz, batch, lr, epochs, iterations, time_budget_min)
     out = Path(out).expanduser()
     log = (lambda m: print(f"distill: {m}", file=sys.stderr, flush=True)) if progress else (lambda m: None)
     student, ckpt = load_detection_checkpoint(model_pt)
@@ -239,17 +233,14 @@ def distill(
             "images_seen": run["iterations"] * batch, "batch": batch, "lr": lr, "imgsz": imgsz,
             "time_budget_min": time_budget_min, "train_images": len(train), "train_device": train_device,
             "unlabeled": str(Path(unlabeled).expanduser().resolve()) if unlabeled is not None else None,
-            "unlabeled_frames": len(paths) if unlabeled is not None else 0,
-            "data": str(Path(data_yaml).expanduser().resolve()), "teacher": str(teacher_path),
-            "teacher_sha256": sha256_file(teacher_path), "source": str(Path(model_pt).expanduser().resolve()),
-            "source_sha256": source_sha, "metrics_before": before, "metrics_after": after,
-            "seconds": run["seconds"], "previous": ckpt.get("finetune"),
+            "unlabeled_frames": len(paths) if unlabeled is not None else 0, "data": str(Path(data_yaml).expanduser().resolve()),
+            "teacher": str(teacher_path), "teacher_sha256": sha256_file(teacher_path),
+            "source": str(Path(model_pt).expanduser().resolve()), "source_sha256": source_sha, "metrics_before": before,
+            "metrics_after": after, "seconds": run["seconds"], "previous": ckpt.get("finetune"),
         }
         save_recovered(student, out, ckpt, record, {"data": record["data"], "imgsz": imgsz, "task": "detect"})
     finally:
         torch.set_num_threads(threads)
-        import shutil
-
         shutil.rmtree(tmp, ignore_errors=True)
     b, a = (before or {}).get("map50_95"), (after or {}).get("map50_95")
     it = run["iterations"]
@@ -260,6 +251,18 @@ def distill(
             "epochs": round(it * batch / max(len(train), 1), 3), "seconds": run["seconds"], "teacher": str(teacher_path),
             "widths_kept": True, "losses": run["losses"], "train_device": train_device, "batch": batch,
             "frames": {"distillation": record["unlabeled_frames"]}, "summary": summary}
+
+
+def _check_args(imgsz: int, batch: int, lr: float, epochs: Optional[float], iterations: Optional[int],
+                time_budget_min: Optional[float]) -> None:
+    if imgsz < 32 or imgsz % 32:
+        raise UserInputError(f"--imgsz must be a multiple of 32 (>= 32), got {imgsz}")
+    if batch < 1 or lr <= 0:
+        raise UserInputError(f"batch ({batch}) must be >= 1 and lr ({lr}) > 0")
+    if iterations is None and not epochs and not time_budget_min:
+        raise UserInputError("distillation needs --epochs or --time-budget-min")
+    if (iterations is not None and iterations < 1) or (epochs is not None and epochs <= 0):
+        raise UserInputError(f"epochs ({epochs}) and iterations ({iterations}) must be positive")
 
 
 def _teacher(student: nn.Module, ckpt: dict, model_pt: Any, teacher: Optional[Union[str, Path]]) -> tuple[Path, nn.Module]:

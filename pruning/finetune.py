@@ -213,7 +213,7 @@ def finetune(
         project = Path(project_dir).expanduser().resolve() if project_dir else tmp_root / "runs"
         overrides = _overrides(data, epochs, imgsz, lr, batch, workers, train_device, progress, project, time_budget_min,
                                patience, fraction, seed, str(model_pt), teacher_path, distill_weight)
-        before = validate(model, data, imgsz=imgsz, batch=batch, device=train_device, progress=progress) if measure else None
+        before = validate(model, data, imgsz=imgsz, device=train_device, progress=progress) if measure else None
         result = _train(model, overrides, progress)
         best = result.pop("best_model")
         _check_widths(widths_in, layer_widths(best), class_convs)

@@ -73,12 +73,17 @@ def validate(
     model_or_path: ModelLike,
     data_yaml: Union[str, Path],
     imgsz: int = 640,
-    batch: int = 16,
+    batch: int = 1,
     device: str = "cpu",
     progress: bool = False,
     split: str = "val",
 ) -> dict:
     """mAP of a module, a ``.pt`` (pruned too) or an ``.onnx`` (FP32 or INT8 QDQ) on a dataset's val split.
+
+    Batch 1 by default: Ultralytics' NMS gives up on a batch after 2 s + 0.05 s per image and drops
+    the rest of its detections; on a loaded 2-core CPU at 896 batches of 16 hit that limit and the
+    demo model measured 0.573 instead of 0.871 mAP50-95 (bench/frames_recovery.py); one image per
+    batch gets 2.05 s, and the forward costs the same per image on a CPU.
 
     Returns ``map50_95``, ``map50``, ``precision``, ``recall`` and ``per_class`` {name: mAP50-95}
     (classes that occur in the val labels). ONNX runs through Ultralytics' AutoBackend, i.e.
@@ -140,7 +145,7 @@ def _check_onnx(path: Path) -> Optional[int]:
 
 
 def cli_val(args: argparse.Namespace, cfg: Any) -> dict:
-    m = validate(args.model, args.data, imgsz=args.imgsz, batch=getattr(args, "batch", None) or 16)
+    m = validate(args.model, args.data, imgsz=args.imgsz, batch=getattr(args, "batch", None) or 1)
     per = ", ".join(f"{k} {v:.3f}" for k, v in sorted(m["per_class"].items(), key=lambda kv: -kv[1])[:5])
     m["model"] = str(args.model)
     m["summary"] = f"{args.model}: mAP50-95 {m['map50_95']:.4f}, mAP50 {m['map50']:.4f}" + (f" (best classes: {per})" if per else "")

@@ -324,3 +324,85 @@ def test_feature_hints_tap_only_layers_whose_shape_pruning_kept(coco_pt):
     with torch.no_grad():
         student(x)
     assert not taps.out and not twin.out  # removed hooks record nothing
+
+
+# ----------------------------------------------------------------------------- unlabeled frames, train device
+
+
+@pytest.fixture(scope="module")
+def frames_dir(ft_dir) -> Path:
+    """A hand-copied harvest: coco128 train images (not the tiny split's), JSON sidecars, a hidden partial file."""
+    src = sorted((shared_path("data", "coco128") / "images" / "train2017").glob("*.jpg"))[-6:]
+    root = ft_dir / "frames"
+    (root / "cam1").mkdir(parents=True)
+    for i, im in enumerate(src):
+        dest = root / ("cam1" if i % 2 else "") / im.name
+        shutil.copy(im, dest)
+        dest.with_suffix(".json").write_text(json.dumps({"stream": "cam1", "why": "novel"}))
+    (root / ".partial.jpg").write_bytes(b"\xff\xd8 cut short")
+    return root
+
+
+def test_unlabeled_images_ignores_sidecars_and_samples_evenly(frames_dir, tmp_path):
+    from prune_pack.pruning.sources import unlabeled_images
+
+    got = unlabeled_images(frames_dir)
+    assert len(got) == 6 and all(p.suffix == ".jpg" and not p.name.startswith(".") for p in got)
+    assert got == sorted(got)
+    few = unlabeled_images(frames_dir, limit=3)
+    assert len(few) == 3 and few[0] == got[0] and few[-1] != got[2]  # spread over the folder, not its first files
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "a.json").write_text("{}")
+    with pytest.raises(UserInputError, match="no images"):
+        unlabeled_images(tmp_path / "empty")
+    with pytest.raises(UserInputError, match="not a folder"):
+        unlabeled_images(tmp_path / "missing")
+
+
+def test_distill_on_unlabeled_frames_counts_them(tmp_path, pruned_pt, tiny_data, frames_dir):
+    out = tmp_path / "kd-frames.pt"
+    res = R.recover(pruned_pt, tiny_data, out, method="distill", imgsz=IMGSZ, epochs=1, batch=4, workers=1,
+                    train_device="cpu", unlabeled=frames_dir, measure=False, progress=False)
+    # Frames change what is seen, not how long: 1 epoch of the 8 train images at batch 4 = 2 iterations.
+    assert res["iterations"] == 2 and res["frames"] == {"distillation": 6} and res["train_device"] == "cpu"
+    rec = torch.load(out, map_location="cpu", weights_only=False)["finetune"]
+    assert rec["unlabeled_frames"] == 6 and rec["unlabeled"] == str(frames_dir.resolve()) and rec["train_device"] == "cpu"
+
+
+def test_distill_batches_do_not_depend_on_loader_workers(pruned_pt, frames_dir):
+    from prune_pack.pruning.distill import _batches
+    from prune_pack.pruning.sources import unlabeled_images
+
+    paths = unlabeled_images(frames_dir)
+    a = list(_batches(paths, 2, 64, seed=3, workers=0, device=torch.device("cpu"), steps=2))
+    b = list(_batches(paths, 2, 64, seed=3, workers=2, device=torch.device("cpu"), steps=2))
+    assert len(a) == len(b) == 2 and all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_train_device_resolution_and_cuda_without_cuda_is_one_line(tmp_path, pruned_pt, tiny_data):
+    assert R.resolve_train_device("cpu") == "cpu"
+    with pytest.raises(UserInputError, match="expected auto, cpu, cuda"):
+        R.resolve_train_device("tpu")
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    assert R.resolve_train_device("auto") == R.resolve_train_device(None) == "cpu"
+    p = _run_cli("finetune", "--model", str(pruned_pt), "--data", str(tiny_data), "--imgsz", str(IMGSZ), "--epochs", "1",
+                 "--train-device", "cuda", "--out", str(tmp_path / "x.pt"), cwd=tmp_path)
+    assert p.returncode == 2
+    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "--train-device cuda" in lines[0] and "0 CUDA device" in lines[0], p.stderr[-2000:]
+    assert not (tmp_path / "x.pt").exists()
+
+
+def test_cli_finetune_flag_beats_config_beats_default(tmp_path, pruned_pt, tiny_data):
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text("finetune:\n  train_device: cuda:7\n  method: distill\n  batch: 4\n")
+    p = _run_cli("finetune", "--model", str(pruned_pt), "--data", str(tiny_data), "--imgsz", str(IMGSZ), "--epochs", "1",
+                 "--config", str(cfg), "--out", str(tmp_path / "x.pt"), cwd=tmp_path)
+    assert p.returncode == 2 and "--train-device cuda:7" in p.stderr  # the config's device, no flag given
+    p = _run_cli("finetune", "--model", str(pruned_pt), "--data", str(tiny_data), "--imgsz", str(IMGSZ), "--epochs", "1",
+                 "--config", str(cfg), "--train-device", "cpu", "--workers", "0", "--out", str(tmp_path / "y.pt"), "--json",
+                 cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-2000:]
+    res = json.loads(p.stdout.strip().splitlines()[-1])
+    assert res["train_device"] == "cpu" and res["method"] == "distill" and res["batch"] == 4  # flag, then config
