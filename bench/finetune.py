@@ -3,9 +3,9 @@
 Prunes yolov8n-coco once (project pruner, fixed settings), then recovers it on coco128 train
 (128 images) for a fixed wall-clock budget per point and validates on coco128 val (128 COCO
 val2017 images the model never trained on). Points:
-- ``labels``: Ultralytics' supervised trainer (``pruning.finetune.finetune``);
+- ``labels``: Ultralytics' supervised trainer (``pruning.recover.recover(method="labels")``);
 - ``labels-kd``: the same plus Ultralytics' feature distillation from the unpruned model;
-- ``distill``: output distillation from the unpruned model, no labels (``pruning.distill.distill``).
+- ``distill``: output distillation from the unpruned model, no labels (``recover(method="distill")``).
 Usage: python bench/finetune.py --imgsz 640 --budget-min 8 --points labels,distill --out bench/results/finetune.json
 """
 
@@ -19,13 +19,13 @@ import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("YOLO_OFFLINE", "1")
-
+import prune_pack.offline  # noqa: F401 - before Ultralytics
 import torch
 
 from prune_pack.pruning.checkpoint import save_pruned
-from prune_pack.pruning.finetune import finetune, validate
 from prune_pack.pruning.prune import prune_model
+from prune_pack.pruning.recover import recover
+from prune_pack.pruning.validate import validate
 
 SHARED = Path(os.environ.get("PRUNE_PACK_SHARED", Path(__file__).resolve().parents[2] / "shared"))
 
@@ -71,18 +71,17 @@ def main() -> None:
               **(_short(validate(pruned, a.data, imgsz=a.imgsz)) if not a.skip_reference else {})})
     for point in a.points.split(","):
         if point == "distill":
-            from prune_pack.pruning.distill import distill
-
-            r = distill(pruned, a.data, work / f"{point}.pt", teacher=a.model, imgsz=a.imgsz,
-                        time_budget_min=a.budget_min, measure=False, progress=False)
+            r = recover(pruned, a.data, work / f"{point}.pt", method="distill", teacher=a.model, imgsz=a.imgsz, epochs=None,
+                        time_budget_min=a.budget_min, train_device="cpu", workers=0, measure=False, progress=False)
             emit({"point": f"fine-tuned {a.budget_min:g} min, {point}", "iterations": r["iterations"],
                   "train_s": r["seconds"], **_short(validate(work / f"{point}.pt", a.data, imgsz=a.imgsz))})
             continue
         if point not in ("labels", "labels-kd"):
             raise SystemExit(f"unknown point {point}")
         teacher = a.model if point == "labels-kd" else None
-        r = finetune(pruned, a.data, epochs=100, imgsz=a.imgsz, teacher=teacher, out=work / f"{point}.pt",
-                     batch=a.batch, progress=False, time_budget_min=a.budget_min, measure_before=False)
+        r = recover(pruned, a.data, work / f"{point}.pt", method="labels", epochs=100, imgsz=a.imgsz, teacher=teacher,
+                    labels_distill=teacher is not None, batch=a.batch, train_device="cpu", progress=False,
+                    time_budget_min=a.budget_min, measure=False)
         emit({"point": f"fine-tuned {a.budget_min:g} min, {point}", "epochs": r["epochs"], "train_s": r["seconds"],
               **_short(r["after"])})
 

@@ -54,7 +54,7 @@ def interleaved_p50(onnx_paths: list[Path], imgsz: int, threads: int, rounds: in
 
 
 def val_map(pt: Path, data: Path, imgsz: int) -> float:
-    from prune_pack.pruning.finetune import validate
+    from prune_pack.pruning.validate import validate
 
     return round(float(validate(pt, data, imgsz=imgsz)["map50_95"]), 4)
 
@@ -94,7 +94,8 @@ def main() -> None:
         for r in a.ratios:
             t = time.monotonic()
             yolo, info = prune_model(base, r, criterion=crit, data_yaml=a.data, imgsz=a.imgsz, allocation=alloc,
-                                     calib_images=a.calib_images, bias_compensation=comp, reconstruct=lsq, progress=False)
+                                     calib_images=a.calib_images, compensation=("lsq" if lsq else "mean") if comp else "none",
+                                     progress=False)
             pt = out / f"{crit}-{alloc}{'' if comp else '-nocomp'}{'' if lsq else '-mean'}-{r:.2f}.pt"
             save_pruned(yolo, pt, info)
             row = {"criterion": crit, "allocation": alloc, "bias_compensation": info["bias_compensation"], "requested": r,
@@ -112,16 +113,17 @@ def main() -> None:
         row["p50_ms"] = round(p, 2)
         row["speedup"] = round(p50[0] / p, 3)
     if a.finetune_epochs or a.finetune_minutes:
-        from prune_pack.pruning.finetune import finetune
+        from prune_pack.pruning.recover import recover
 
         for row, pt in points:
             if a.finetune_ratios and row["requested"] not in a.finetune_ratios:
                 continue
             for distill in (False, True):
                 key = "map_ft_distill" if distill else "map_ft"
-                finetune(pt, a.data, epochs=max(1, a.finetune_epochs), imgsz=a.finetune_imgsz,
-                               teacher=base if distill else None, out=out / f"{pt.stem}-ft{'-kd' if distill else ''}.pt",
-                               progress=False, time_budget_min=a.finetune_minutes, measure_before=False)
+                recover(pt, a.data, out / f"{pt.stem}-ft{'-kd' if distill else ''}.pt", method="labels",
+                        epochs=max(1, a.finetune_epochs), imgsz=a.finetune_imgsz, teacher=base if distill else None,
+                        labels_distill=distill, train_device="cpu", progress=False, time_budget_min=a.finetune_minutes,
+                        measure=False)
                 row[key] = val_map(out / f"{pt.stem}-ft{'-kd' if distill else ''}.pt", data, a.imgsz)
                 print(json.dumps(row), file=sys.stderr, flush=True)
     base_row = {"criterion": "unpruned", "allocation": "-", "requested": 0.0, "achieved": 0.0, "map_pruned": base_map,

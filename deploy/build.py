@@ -19,7 +19,7 @@ from typing import Any, Optional
 
 from prune_pack.agent.settings import merged
 from prune_pack.deploy.build_state import WorkArea
-from prune_pack.deploy.export import shape_str
+from prune_pack.imgsz import shape_str
 from prune_pack.deploy.levers import camera_shape, plan_levers, ratio_grid, suggestions
 from prune_pack.deploy.pipeline import Pipeline, log
 from prune_pack.deploy.search import (
@@ -40,6 +40,8 @@ class BuildOptions(BuildSection):
     resume: bool = False
     criterion: Optional[str] = None
     finetune_fraction: float = 1.0  # share of the train split per recovery epoch (the demo: half)
+    unlabeled: Optional[str] = None  # frames of the deployment scene: calibration, INT8 calibration, distillation
+    train_device: Optional[str] = None  # recovery on auto|cpu|cuda[:N]; None = finetune.train_device
     cfg: Any = None  # the validated Config (prune/finetune/export/profile/mqtt/device sections)
 
     @property
@@ -86,7 +88,8 @@ def _resolve(opts: BuildOptions, work: WorkArea) -> Pipeline:
         sha = sha256_file(model_pt)
         fp = {"model_sha256": sha, "data": str(Path(data_src).resolve()), "imgsz": opts.imgsz, "threads": opts.threads,
               "device": opts.device, "max_ratio": opts.max_ratio, "ratio_step": opts.ratio_step,
-              "precision": opts.precision, "backend": opts.backend, "target": str(opts.target)}
+              "precision": opts.precision, "backend": opts.backend, "target": str(opts.target),
+              "unlabeled": str(Path(opts.unlabeled).resolve()) if opts.unlabeled else None}
         if opts.resume and work.state.fingerprint not in (None, fp):
             raise UserInputError(f"--resume: {work.out} holds a build of another model/settings; use another --out")
         work.state.fingerprint, work.state.model_sha256 = fp, sha
@@ -285,7 +288,8 @@ def cli_build(args: Any, cfg: Any) -> dict[str, Any]:
         raise UserInputError(f"--epochs {b.epochs}: at least one recovery epoch is needed")
     opts = BuildOptions(**{f.name: getattr(b, f.name) for f in dataclasses.fields(b)},
                         model=args.model, data=args.data, broker=args.broker, sign=args.sign, resume=bool(args.resume),
-                        criterion=args.criterion, finetune_fraction=demo.DEMO_FRACTION if is_demo else 1.0, cfg=cfg)
+                        criterion=args.criterion, finetune_fraction=demo.DEMO_FRACTION if is_demo else 1.0,
+                        unlabeled=args.unlabeled, train_device=args.train_device, cfg=cfg)
     return run_build(opts)
 
 

@@ -6,7 +6,7 @@ import dataclasses
 import math
 from typing import Optional, Sequence
 
-from prune_pack.deploy.export import ImgSz
+from prune_pack.imgsz import ImgSz
 from prune_pack.deploy.search import Candidate
 from prune_pack.errors import UserInputError
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Hashable, Optional
 
 from prune_pack.deploy.build_state import WorkArea
-from prune_pack.deploy.export import ImgSz, shape_str
+from prune_pack.imgsz import ImgSz, shape_str
 from prune_pack.deploy.search import Candidate, Measurement
 
 # The most of an un-recovered mAP drop that any measured recovery won back (yolov8n-coco 20 %
@@ -63,9 +63,9 @@ class Pipeline:
             yolo, info = prune_model(self.model_pt, ratio, criterion=self.opts.criterion or pc.criterion,
                                      data_yaml=self.data_yaml, imgsz=self.opts.imgsz, allocation=pc.allocation,
                                      max_layer_ratio=pc.max_layer_ratio, round_to=pc.round_to,
-                                     calib_images=pc.calib_images, bias_compensation=pc.compensation != "none",
-                                     reconstruct=pc.compensation == "lsq", recalibrate_bn=pc.recalibrate_bn,
-                                     calib_cache=self.calib_cache)
+                                     calib_images=pc.calib_images, compensation=pc.compensation,
+                                     recalibrate_bn=pc.recalibrate_bn, calib_cache=self.calib_cache,
+                                     unlabeled=self.opts.unlabeled)
             d.mkdir(parents=True, exist_ok=True)
             save_pruned(yolo, pt, info)
             info_path.write_text(json.dumps(info, default=str))
@@ -91,11 +91,12 @@ class Pipeline:
         engine = self.int8_engine(c)
         q = d / f"r{c.ratio:.3f}-{shape_str(c.imgsz)}-int8{'-nncf' if engine == 'nncf' else ''}.onnx"
         if not q.is_file():
-            from prune_pack.deploy.quantize import calib_count, quantize_int8_with
-            from prune_pack.pruning.sources import dataset_images
+            from prune_pack.deploy.export import int8_calibration_images
+            from prune_pack.deploy.quantize import quantize_int8_with
 
             with self.work.phase("quantize"):
-                calib = dataset_images(self.data_yaml, "train", limit=calib_count(engine, self.cfg.export.int8_calib_images))
+                calib = int8_calibration_images(self.data_yaml, engine, self.cfg.export.int8_calib_images,
+                                                self.opts.unlabeled)
                 log(f"quantizing r={c.ratio:.2f} to INT8 with {engine} ({len(calib)} calibration images)")
                 quantize_int8_with(engine, fp32, q.with_suffix(".tmp.onnx"), calib, c.imgsz)
                 os.replace(q.with_suffix(".tmp.onnx"), q)
@@ -242,30 +243,23 @@ class Pipeline:
         if done and Path(done["pt"]).is_file():
             log(f"reusing the finished recovery {tag}")
             return Path(done["pt"])
-        from prune_pack.pruning.finetune import choose_method, finetune
+        from prune_pack.pruning.recover import recover
 
         pt, _ = self.pruned(c.ratio)
         fc = self.cfg.finetune
         epochs = opts.epochs if not short else (opts.recovery_epochs or max(1, opts.epochs // 3))
         out = self.work.dir / "recovered" / f"{tag}.pt"
-        method = choose_method(fc.method, pt, self.data_yaml, teacher=self.model_pt)
         with self.work.phase("finetune"):
-            if method == "distill":
-                from prune_pack.pruning.distill import distill
-
-                log(f"recovering r={c.ratio:.2f} for {epochs} epoch(s){' (short recovery)' if short else ''} "
-                    "by distillation from the unpruned model")
-                r = distill(pt, self.data_yaml, out, teacher=self.model_pt, imgsz=opts.imgsz,
-                            epochs=epochs * opts.finetune_fraction, measure=False)
-            else:
-                log(f"fine-tuning r={c.ratio:.2f} for {epochs} epoch(s){' (short recovery)' if short else ''}"
-                    f"{' with distillation from the unpruned model' if fc.distill else ''}")
-                r = finetune(pt, self.data_yaml, epochs=epochs, imgsz=opts.imgsz,
-                             teacher=self.model_pt if fc.distill else None, out=out, lr0=fc.lr0, batch=fc.batch,
-                             workers=fc.workers, distill_weight=fc.distill_weight, patience=fc.patience,
-                             fraction=opts.finetune_fraction, measure_before=False)
-        st.recovered[tag] = {"pt": str(out), "method": method, "epochs": r.get("epochs", epochs),
-                             "seconds": r.get("seconds"), "after": r.get("after")}
+            log(f"recovering r={c.ratio:.2f} for {epochs} epoch(s){' (short recovery)' if short else ''}"
+                + (f" on the frames in {opts.unlabeled}" if opts.unlabeled else ""))
+            r = recover(pt, self.data_yaml, out, method=fc.method, teacher=self.model_pt, imgsz=opts.imgsz,
+                        epochs=epochs, fraction=opts.finetune_fraction, lr=fc.lr0, batch=fc.batch, workers=fc.workers,
+                        train_device=opts.train_device or fc.train_device, unlabeled=opts.unlabeled,
+                        labels_distill=fc.distill, distill_weight=fc.distill_weight, patience=fc.patience,
+                        measure=False, progress=False)
+        st.recovered[tag] = {"pt": str(out), "method": r["method"], "epochs": r.get("epochs", epochs),
+                             "seconds": r.get("seconds"), "train_device": r.get("train_device"),
+                             "frames": r.get("frames")}
         self.work.save()
         return out
 
@@ -289,7 +283,7 @@ class Pipeline:
             log(f"exporting, checking parity and packing {c.key}")
             r = export_package(final_pt, d / f"{name}.ppk", imgsz=c.imgsz, int8=c.precision == "int8",
                                data_yaml=self.data_yaml, sign=self.key_path, name=name, latency_runs=0,
-                               calib_images=self.cfg.export.int8_calib_images,
+                               calib_images=self.cfg.export.int8_calib_images, unlabeled=self.opts.unlabeled,
                                max_map_drop=self.cfg.export.int8_max_map_drop, val_fn=val_fn,
                                registry=self.work.dir / "versions.json", int8_engine=self.int8_engine(c),
                                backends=("ort", "openvino") if c.backend == "openvino" or self.opts.backend == "auto"

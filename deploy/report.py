@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from prune_pack.deploy.export import hw, shape_str
+from prune_pack.imgsz import hw, shape_str
 
 
 def _fmt(v: Any, nd: int = 4) -> str:
@@ -101,6 +101,7 @@ def write_markdown(report: dict[str, Any], path: str | Path, plot_name: Optional
         f"verification {report.get('verify_measurements')}; verification steps {(report.get('verification') or {}).get('steps', 0)})  ",
         f"**Accuracy floor** {_fmt(report.get('max_map_drop', 0) * 100, 1)} points mAP50-95 below the unpruned model "
         f"(`--max-map-drop`)  ",
+        f"**Frames of the deployment scene** {_frames_line(report.get('frames') or {})}  ",
         f"**Package** `{Path(str(report.get('package', ''))).name}`",
         "",
     ]
@@ -150,6 +151,13 @@ def write_markdown(report: dict[str, Any], path: str | Path, plot_name: Optional
     return path
 
 
+def _frames_line(frames: dict[str, Any]) -> str:
+    if not frames.get("folder"):
+        return "none (`--unlabeled DIR`: recovery on the cameras' own frames)"
+    return (f"`{frames['folder']}`: {frames.get('pruning_calibration', 0)} for pruning calibration, "
+            f"{frames.get('distillation', 0)} for distillation, {frames.get('int8_calibration', 0)} for INT8 calibration")
+
+
 def write_reports(report: dict[str, Any], out_dir: str | Path) -> dict[str, Optional[Path]]:
     """report.json, latency.png and report.md into ``out_dir``."""
     out_dir = Path(out_dir)
@@ -192,6 +200,12 @@ def assemble_report(opts: Any, pipe: Any, res: Any, ver: Any, levers: Sequence[A
         costs.append({"lever": lever, "key": chosen.key, "latency_ms": achieved_ms,
                       "map_cost": before["map50_95"] - after["map50_95"], "gate": True})
     last = final_stats[-1] if final_stats else {}
+    rec = next((v for k, v in st.recovered.items() if k.startswith(f"r{chosen.ratio:.3f}")), {}) if chosen.ratio else {}
+    # How many of the deployment's own frames (--unlabeled) fed which step.
+    frames = {"folder": opts.unlabeled,
+              "pruning_calibration": (pinfo.get("frames") or {}).get("calibration", 0) if chosen.ratio else 0,
+              "distillation": (rec.get("frames") or {}).get("distillation", 0),
+              "int8_calibration": (pkg_info.get("frames") or {}).get("int8_calibration", 0)}
     context = {"backend": chosen.backend, "precision": chosen.precision,
                **{k: last.get(k) for k in ("threads", "runs")}, **(last.get("context") or {})}
     return {
@@ -214,7 +228,7 @@ def assemble_report(opts: Any, pipe: Any, res: Any, ver: Any, levers: Sequence[A
         "package_info": {k: pkg_info.get(k) for k in ("name", "version", "precision", "signed", "validated", "parity")},
         "package_path": pkg_info["out"], "package": str(pipe.work.out / Path(pkg_info["out"]).name),
         "key": str(pipe.key_path), "phases_s": dict(st.phases_s), "total_s": round(time.monotonic() - t_start, 1),
-        "device_context": context,
+        "device_context": context, "frames": frames,
     }
 
 
@@ -231,7 +245,7 @@ def build_result(opts: Any, report: dict[str, Any], out: Path, t_start: float) -
         "lever": report["lever"], "backend": chosen["backend"], "precision": chosen["precision"], "imgsz": chosen["imgsz"],
         "map50_95_before": report["map50_95_before"], "map50_95_after": report["map50_95_after"],
         "map50_before": report["map50_before"], "map50_after": report["map50_after"],
-        "max_map_drop": report["max_map_drop"], "verification_steps": report["verification"]["steps"],
+        "max_map_drop": report["max_map_drop"], "frames": report["frames"], "verification_steps": report["verification"]["steps"],
         "package": pkg, "report": str(out / "report.md"), "seconds": round(time.monotonic() - t_start, 1),
         "profile_command": f"prune-pack profile {pkg} --backend {chosen['backend']} --precision {chosen['precision']}",
         "verify_command": f"prune-pack verify {pkg} --pubkey {pub}",

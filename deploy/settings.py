@@ -53,10 +53,11 @@ class PruneSection:
 @dataclass
 class FinetuneSection:
     method: Literal["auto", "labels", "distill"] = "auto"  # auto: distill when the classes are the teacher's
-    epochs: int = 10
-    lr0: float = 0.002  # about 1/10 of Ultralytics' training lr
-    batch: int = 16
-    workers: int = 2  # dataloader workers
+    epochs: int = 10  # passes over the train split (unlabeled frames change what is seen, not how long)
+    lr0: Optional[float] = None  # None: the method's default (labels: SGD 0.002, ~1/10 of training; distill: AdamW 3e-4)
+    batch: Optional[int] = None  # None: the method's default (labels 16; distill 8 on the CPU, 32 on CUDA)
+    workers: int = 2  # dataloader workers (parallel image loading; feeds a GPU)
+    train_device: str = "auto"  # auto (CUDA when torch sees it, else cpu) | cpu | cuda | cuda:N
     distill: bool = False  # method labels: add Ultralytics' feature distillation (measured: no gain on short CPU budgets)
     distill_weight: float = 1.0
     patience: int = 0  # 0 = no early stopping

@@ -25,8 +25,8 @@ from prune_pack.errors import MissingExtraError, PrunePackError
 HANDLERS: dict[str, tuple[str, str, bool]] = {
     "build": ("prune_pack.deploy.build", "cli_build", True),
     "prune": ("prune_pack.pruning.prune", "cli_prune", True),
-    "finetune": ("prune_pack.pruning.finetune", "cli_finetune", True),
-    "val": ("prune_pack.pruning.finetune", "cli_val", True),
+    "finetune": ("prune_pack.pruning.recover", "cli_finetune", True),
+    "val": ("prune_pack.pruning.validate", "cli_val", True),
     "export": ("prune_pack.deploy.export", "cli_export", True),
     "verify": ("prune_pack.agent.verifier", "cli_verify", False),
     "keys init": ("prune_pack.agent.keys", "cli_keys_init", False),
@@ -61,6 +61,11 @@ def _common(json_flag: bool = True, config: bool = True) -> argparse.ArgumentPar
     return p
 
 
+UNLABELED_HELP = ("folder of unlabeled frames of the deployment scene (JPEG/PNG; e.g. harvested by the agent): "
+                  "they feed pruning calibration, INT8 calibration and distillation; the val split stays the accuracy gate")
+TRAIN_DEVICE_HELP = "where recovery trains: auto (CUDA when torch sees it; default), cpu, cuda or cuda:N"
+
+
 def build_parser() -> argparse.ArgumentParser:
     root = _Parser(prog="prune-pack", description="Prune YOLOv8 detectors to a latency target, pack them signed, and run them on industrial PCs.")
     root.add_argument("--version", action="version", version=f"prune-pack {__version__}")
@@ -87,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--sign", metavar="KEYFILE", help="Ed25519 private key (default: the user's key, created on first use)")
     b.add_argument("--resume", action="store_true", help="continue an interrupted build in --out")
     b.add_argument("--out", metavar="DIR", help="output folder (default ./build)")
+    b.add_argument("--unlabeled", metavar="DIR", help=UNLABELED_HELP)
+    b.add_argument("--train-device", dest="train_device", metavar="DEV", help=TRAIN_DEVICE_HELP)
 
     p = sub.add_parser("prune", parents=[common], help="remove whole channels from a detection model")
     p.add_argument("--model", metavar="PT", required=True)
@@ -96,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--imgsz", type=int, default=640)
     p.add_argument("--allocation", choices=["uniform", "global", "sensitivity"], help="how the ratio is spread over layers (default: sensitivity)")
     p.add_argument("--compensation", choices=["lsq", "mean", "none"], help="how consumers make up for removed channels: least-squares refit (default), mean folded into the bias, or nothing")
+    p.add_argument("--unlabeled", metavar="DIR", help=UNLABELED_HELP)
     p.add_argument("--out", metavar="PT", required=True)
 
     f = sub.add_parser("finetune", parents=[common], help="fine-tune a (pruned) model to win accuracy back")
@@ -103,14 +111,17 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--data", metavar="YAML", required=True)
     f.add_argument("--method", choices=["auto", "labels", "distill"],
                    help="labels: Ultralytics' supervised trainer; distill: match the unpruned teacher's outputs on the train "
-                        "images (no labels read); auto (default): distill when the model keeps the teacher's classes")
+                        "images or the --unlabeled frames (no labels read); auto (default): distill when the model keeps the teacher's classes")
     f.add_argument("--epochs", type=int, help="passes over the train split (default: the config's finetune.epochs)")
     f.add_argument("--imgsz", type=int, default=640)
-    f.add_argument("--batch", type=int, help="batch size (default 16)")
-    f.add_argument("--lr0", type=float, help="initial learning rate, SGD (default 0.002, ~1/10 of training)")
+    f.add_argument("--batch", type=int, help="batch size (default: the method's, labels 16, distill 8 on the CPU / 32 on CUDA)")
+    f.add_argument("--lr0", type=float, help="initial learning rate (default: the method's, labels SGD 0.002, distill AdamW 3e-4)")
     f.add_argument("--teacher", metavar="PT", help="the unpruned model to distil from (default for --method distill: the base model the pruner recorded)")
     f.add_argument("--distill-weight", type=float, dest="distill_weight", help="distillation strength; 1.0 = Ultralytics' default (dis=6)")
     f.add_argument("--time-budget-min", type=float, dest="time_budget_min", help="stop training after this many minutes (epochs are re-estimated)")
+    f.add_argument("--unlabeled", metavar="DIR", help=UNLABELED_HELP)
+    f.add_argument("--train-device", dest="train_device", metavar="DEV", help=TRAIN_DEVICE_HELP)
+    f.add_argument("--workers", type=int, help="parallel image loaders (default: the config's finetune.workers, 2)")
     f.add_argument("--project", metavar="DIR", help="keep Ultralytics' run folder here (default: a temporary folder, removed)")
     f.add_argument("--out", metavar="PT", required=True)
 
@@ -118,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--model", metavar="PT|ONNX", required=True)
     v.add_argument("--data", metavar="YAML", required=True)
     v.add_argument("--imgsz", type=int, default=640)
-    v.add_argument("--batch", type=int, default=16, help="batch size for .pt (a static ONNX runs batch 1)")
+    v.add_argument("--batch", type=int, help="batch size for .pt (default 1: Ultralytics' NMS time limit per batch cuts large batches short on a loaded CPU)")
 
     e = sub.add_parser("export", parents=[common], help="export to ONNX (optionally INT8) with a parity check, and pack")
     e.add_argument("--model", metavar="PT", required=True)
@@ -129,6 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-map-drop", type=float, dest="max_map_drop", metavar="POINTS",
                    help="refuse INT8 when mAP50-95 falls more than this many points below FP32 (default 1.0)")
     e.add_argument("--calib-images", type=int, dest="calib_images", help="INT8 calibration images from the train split (default: 32 for the ORT quantizer, 128 for NNCF)")
+    e.add_argument("--unlabeled", metavar="DIR", help="with --int8: calibrate on these frames of the deployment scene instead of the train split")
     e.add_argument("--sign", metavar="KEYFILE", help="Ed25519 private key to sign the package")
     e.add_argument("--name", help="model name in the manifest (default: the checkpoint's stem)")
     e.add_argument("--version-number", type=int, dest="version_number", help="manifest version (default: next for this name)")
@@ -237,6 +249,7 @@ def _handler(key: str) -> Callable[[argparse.Namespace, Any], Optional[dict]]:
         for dep in ("torch", "ultralytics"):
             if importlib.util.find_spec(dep) is None:
                 raise MissingExtraError(f"prune-pack {key}", "host", dep)
+        import prune_pack.offline  # noqa: F401 - Ultralytics must never try the network on its own
     return getattr(importlib.import_module(module), func)
 
 
@@ -277,8 +290,6 @@ def _stdout_to_stderr() -> Iterator[None]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    # Ultralytics must never try the network on its own (weights, fonts, version checks).
-    os.environ.setdefault("YOLO_OFFLINE", "1")
     parser = build_parser()
     args = parser.parse_args(argv)
     key = _command_key(args)

@@ -98,3 +98,53 @@ def load_checkpoint(path: str | Path) -> tuple[Any, dict]:
         raise UserInputError(f"{path}: Ultralytics could not load it ({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
     rec = ckpt.get("prune_pack") or {}
     return yolo, dict(rec.get("provenance", {}))
+
+
+def load_detection_checkpoint(model_pt: str | Path) -> tuple[torch.nn.Module, dict]:
+    """Load an Ultralytics detection ``.pt`` (pruned or not) as an FP32 module, plus its checkpoint dict.
+
+    Raises one ``UserInputError`` for anything that is not a loadable detection checkpoint (a
+    truncated or foreign file), and never lets Ultralytics auto-install a module a pickle names.
+    """
+    from ultralytics.nn.tasks import DetectionModel
+    from ultralytics.nn.tasks import load_checkpoint as ul_load
+
+    from prune_pack.pruning.sources import resolve_model
+
+    path = resolve_model(model_pt)
+    try:
+        # Reading the pickle's global names is cheap and fails on a damaged zip before Ultralytics
+        # would; a missing module would otherwise make Ultralytics try `pip install` (offline hang).
+        needed = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+    except Exception as e:  # noqa: BLE001 - any failure here means "not a torch checkpoint"
+        raise UserInputError(f"{model_pt}: not a loadable checkpoint (empty, truncated or not a torch file: {_first_line(e)})") from None
+    import importlib.util
+
+    for name in needed:
+        top = name.split(".", 1)[0]
+        if importlib.util.find_spec(top) is None:
+            raise UserInputError(f"{model_pt}: checkpoint needs Python module '{top}' ({name}), which is not installed; "
+                                 "is it an Ultralytics detection checkpoint?")
+    try:
+        model, ckpt = ul_load(str(path))
+    except Exception as e:  # noqa: BLE001 - Ultralytics raises TypeError/RuntimeError/... for broken files
+        raise UserInputError(f"{model_pt}: not a loadable Ultralytics checkpoint ({_first_line(e)})") from None
+    if not isinstance(model, DetectionModel) or getattr(model, "task", "detect") != "detect":
+        raise UserInputError(f"{model_pt}: a '{getattr(model, 'task', type(model).__name__)}' model; "
+                             "prune-pack fine-tunes detection models only")
+    if getattr(model.model[-1], "one2one_cv2", None) is not None:
+        raise UserInputError(f"{model_pt}: end-to-end (NMS-free) detection heads are not supported")
+    return model.float(), ckpt
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+def save_recovered(model: torch.nn.Module, out: str | Path, source_ckpt: dict, record: dict, train_args: dict) -> Path:
+    """Write a recovered ``model`` as an FP32 Ultralytics checkpoint keeping the source's pruning record."""
+    extra: dict[str, Any] = {"train_metrics": record.get("metrics_after"), "finetune": record}
+    if "prune_pack" in source_ckpt:
+        extra["prune_pack"] = source_ckpt["prune_pack"]
+    return write_checkpoint(model, out, train_args, extra)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import Iterator
 
 import torch
 import torch.nn as nn
@@ -189,10 +188,6 @@ def build_groups(model: nn.Module, imgsz: int = 64) -> tuple[object, list[Channe
     if not groups:
         raise UserInputError("the model has no prunable channel groups")
     return dg, groups
-
-
-def iter_prunable(groups: list[ChannelGroup]) -> Iterator[ChannelGroup]:
-    yield from groups
 
 
 def layer_widths(model: nn.Module) -> dict[str, int]:

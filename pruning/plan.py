@@ -16,6 +16,7 @@ rounded into a much larger cut than requested.
 
 from __future__ import annotations
 
+import enum
 import math
 from typing import Callable
 
@@ -27,6 +28,25 @@ from prune_pack.pruning.graph import ChannelGroup
 from prune_pack.pruning.importance import CalibContext, ridged, run_with_input_hooks
 
 ProgressFn = Callable[[str], None]
+
+
+class Compensation(str, enum.Enum):
+    """How a removed channel's consumers make up for it (``prune.compensation`` in the config).
+
+    ``lsq``: least-squares refit of the consumers' kept weights and bias on the calibration images
+    (measured best); ``mean``: the removed channels' mean activation folded into the bias; ``none``.
+    """
+
+    LSQ = "lsq"
+    MEAN = "mean"
+    NONE = "none"
+
+    @classmethod
+    def of(cls, value: "Compensation | str") -> "Compensation":
+        try:
+            return cls(value)
+        except ValueError:
+            raise UserInputError(f"compensation {value!r}: choose from {', '.join(c.value for c in cls)}") from None
 
 
 # ----------------------------------------------------------------------------- widths
@@ -147,12 +167,6 @@ class ChannelMask:
         self.handles = []
 
 
-@torch.no_grad()
-def measure_output(model: nn.Module, images: torch.Tensor, batch: int) -> torch.Tensor:
-    model.eval()
-    return torch.cat([model(images[i : i + batch])[0] for i in range(0, len(images), batch)])
-
-
 class LayerCache:
     """Ultralytics' layer loop with every layer's output cached, so a probe that only changes
     layers >= L re-runs from L (the high-resolution backbone is run once, not once per probe)."""
@@ -216,7 +230,7 @@ def global_plan(groups: list[ChannelGroup], scores: dict[str, torch.Tensor], rat
 
 
 def sensitivity_plan(model: nn.Module, groups: list[ChannelGroup], scores: dict[str, torch.Tensor], ctx: CalibContext,
-                     ratio: float, round_to: int, max_ratio: float, imgsz: int, compensate: bool,
+                     ratio: float, round_to: int, max_ratio: float, imgsz: int, compensation: Compensation,
                      probes: tuple[float, ...] = (0.5, 1.0), progress: ProgressFn | None = None,
                      ) -> tuple[dict[str, int], dict[str, dict]]:
     """Greedy allocation by measured distortion per MAC saved; returns (plan, per-group sensitivity).
@@ -235,7 +249,7 @@ def sensitivity_plan(model: nn.Module, groups: list[ChannelGroup], scores: dict[
     ref = cache.output(len(model.model))
     where = layer_index(model)
     hw = conv_macs(model, imgsz)
-    mask = ChannelMask(ctx, compensate)
+    mask = ChannelMask(ctx, compensate=compensation is not Compensation.NONE)
     curves: dict[str, tuple[list[int], list[float]]] = {}
     sens: dict[str, dict] = {}
     with mask:
@@ -497,20 +511,21 @@ def recalibrate_bn(model: nn.Module, images: torch.Tensor, batch: int = 8) -> in
 
 
 def apply_plan(model: nn.Module, dg: object, groups: list[ChannelGroup], plan: dict[str, int],
-               scores: dict[str, torch.Tensor], ctx: CalibContext | None, bias_compensation: bool,
-               lsq: bool = False, grams: dict | None = None) -> dict[str, list[int]]:
+               scores: dict[str, torch.Tensor], ctx: CalibContext | None, compensation: Compensation,
+               grams: dict | None = None) -> dict[str, list[int]]:
     """Remove each group's weakest channels down to its planned width. Returns removed root indices.
 
-    ``lsq``: least-squares reconstruction of the consumers (``reconstruct``) instead of mean-only
-    bias compensation.
+    ``compensation`` lsq: least-squares reconstruction of the consumers (``reconstruct``, with the
+    precomputed ``grams`` when given); mean: the removed channels' mean folded into the bias.
     """
     import torch_pruning as tp
 
+    compensation = Compensation.of(compensation)
     removals = [(g, lowest(scores[g.name], g.size - plan[g.name])) for g in groups]
-    if bias_compensation or lsq:
+    if compensation is not Compensation.NONE:
         if ctx is None or not ctx.in_stats:
             raise UserInputError("bias compensation needs calibration statistics")
-        if lsq:
+        if compensation is Compensation.LSQ:
             reconstruct(model, removals, ctx.images, grams=grams)
         else:
             compensate_bias(model, removals, ctx)

@@ -15,11 +15,10 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import yaml
 
+import prune_pack.offline  # noqa: F401 - first: Ultralytics must never reach the network
+from prune_pack.agent.harvest import IMAGE_EXTS, list_frames  # the one reader of a frames folder
 from prune_pack.agent.package import sha256_file  # noqa: F401 - re-exported for host modules
 from prune_pack.errors import OfflineError, UserInputError
-
-# Must be set before ultralytics is imported anywhere in the process.
-os.environ.setdefault("YOLO_OFFLINE", "1")
 
 
 def resolve_model(model: str | Path) -> Path:
@@ -136,7 +135,7 @@ def dataset_images(data_yaml: str | Path, split: str = "val", limit: int | None 
     cfg = yaml.safe_load(Path(data_yaml).read_text(encoding="utf-8"))
     root = Path(cfg["path"])
     entries = cfg[split] if isinstance(cfg[split], list) else [cfg[split]]
-    exts = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
+    exts = IMAGE_EXTS
     files: list[Path] = []
     for entry in entries:
         sp = Path(entry) if Path(entry).is_absolute() else root / entry
@@ -165,3 +164,22 @@ def median_aspect(images: Sequence[str | Path], sample: int = 1000) -> Optional[
         if w > 0 and h > 0:
             ratios.append(h / w)
     return float(np.median(ratios)) if ratios else None
+
+
+def unlabeled_images(folder: str | Path, limit: int | None = None) -> list[Path]:
+    """The images of a folder of unlabeled frames (harvested by the agent or copied by hand), sorted.
+
+    Subfolders are searched too (a harvest keeps one per stream); anything that is not an image
+    (the harvester's JSON sidecars, partial downloads, hidden files) is ignored. ``limit`` takes an
+    evenly spread sample, not the first files: those would all be one stream's first minutes.
+    """
+    root = Path(folder).expanduser()
+    if not root.is_dir():
+        raise UserInputError(f"--unlabeled {folder}: not a folder of images")
+    files = list_frames(root)
+    if not files:
+        raise UserInputError(f"--unlabeled {folder}: no images (JPEG/PNG) in it")
+    if limit and len(files) > limit:
+        step = len(files) / limit
+        files = [files[int(i * step)] for i in range(limit)]
+    return files

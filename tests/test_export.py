@@ -184,3 +184,35 @@ def test_pruning_provenance_reaches_the_manifest(tiny_pt, tmp_path):
     p = read_manifest(tmp_path / "p.ppk")["provenance"]
     assert p["pruned"] is True and p["base_sha256"] == "ab" * 32 and p["source_sha256"] == sha256_file(pruned)
     assert p["criterion"] == "l1" and p["requested_ratio"] == 0.3 and p["widths"] == {"model.2.cv1": [32, 24]}
+
+
+def test_openvino_precision_honours_the_cpu_flags_override(tmp_path, monkeypatch):
+    """The gate reads the CPU through agent.backends.cpu_features, like the build's bf16 lever: one source."""
+    from onnx import TensorProto, helper
+
+    from prune_pack.agent.backends import CPU_FLAGS_ENV, bf16_supported
+    from prune_pack.deploy.export import openvino_precision
+
+    g = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 8, 8])])
+    f = tmp_path / "fp32.onnx"
+    onnx.save(helper.make_model(g), str(f))
+    monkeypatch.setenv(CPU_FLAGS_ENV, "avx2 avx512_bf16")
+    assert openvino_precision(f) == "bf16" and bf16_supported()
+    monkeypatch.setenv(CPU_FLAGS_ENV, "avx2")  # a CPU without bf16, whatever /proc/cpuinfo of this host says
+    assert openvino_precision(f) == "fp32" and not bf16_supported()
+
+
+def test_producer_map_is_one_helper():
+    """fast_dfl_softmax and the quantizer's graph walks share onnx_graph.producers/consumers."""
+    from onnx import TensorProto, helper
+
+    from prune_pack.deploy.onnx_graph import consumers, producers
+
+    nodes = [helper.make_node("Relu", ["x"], ["a"], name="r"), helper.make_node("Mul", ["a", "x"], ["y"], name="m")]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    assert {k: v.name for k, v in producers(g).items()} == {"a": "r", "y": "m"}
+    assert {k: [n.name for n in v] for k, v in consumers(g).items()} == {"x": ["r", "m"], "a": ["m"]}
+    assert {k: [n.name for n in v] for k, v in consumers(g, skip_first=True).items()} == {"x": ["m"]}

@@ -23,6 +23,7 @@ import yaml  # noqa: E402
 
 from prune_pack.errors import UserInputError  # noqa: E402
 from prune_pack.pruning import finetune as F  # noqa: E402
+from prune_pack.pruning import recover as R  # noqa: E402
 from tests.conftest import shared_path  # noqa: E402
 
 IMGSZ = 160
@@ -99,7 +100,7 @@ def test_checkpoint_is_fp32_keeps_provenance_and_reloads_in_fresh_process(pruned
     assert {p.dtype for p in raw["model"].parameters()} == {torch.float32}
     assert raw["prune_pack"] == torch.load(pruned_pt, map_location="cpu", weights_only=False)["prune_pack"]
     rec = raw["finetune"]
-    assert rec["epochs"] == 1 and rec["lr0"] == 0.002 and rec["teacher_sha256"] is None
+    assert rec["epochs"] == 1 and rec["lr"] == 0.002 and rec["teacher_sha256"] is None
     assert rec["data"] == str(Path(tiny_data).resolve())
     code = (
         "import sys, torch\n"
@@ -139,7 +140,7 @@ def test_class_transfer_to_bccd(ft_dir, pruned_pt):
     data = shared_path("data", "bccd", "data.yaml")  # read-only: labels cache cannot be written there
     out = ft_dir / "bccd.pt"
     res = F.finetune(pruned_pt, data, epochs=1, imgsz=IMGSZ, out=out, batch=8, progress=False,
-                     fraction=0.05, measure_before=False)
+                     fraction=0.05, measure=False)
     assert res["classes_adapted"]
     model, ckpt = F.load_detection_checkpoint(out)
     src, _ = F.load_detection_checkpoint(pruned_pt)
@@ -157,7 +158,7 @@ def test_class_transfer_to_bccd(ft_dir, pruned_pt):
 def test_distillation_from_unpruned_teacher(ft_dir, pruned_pt, tiny_data, coco_pt):
     out = ft_dir / "kd.pt"
     res = F.finetune(pruned_pt, tiny_data, epochs=1, imgsz=IMGSZ, out=out, batch=8, progress=False,
-                     teacher=coco_pt, measure_before=False)
+                     teacher=coco_pt, measure=False)
     assert res["distill"]
     assert res["losses"].get("dis_loss", 0.0) > 0.0  # the teacher really contributed a loss term
     raw = torch.load(out, map_location="cpu", weights_only=False)
@@ -222,41 +223,13 @@ def test_cli_finetune_and_val_json(tmp_path, pruned_pt, tiny_data):
     assert p.returncode == 0, p.stderr[-2000:]
     res = json.loads(p.stdout.strip().splitlines()[-1])
     assert res["out"] == str(out) and res["epochs"] == 1 and "map50_95" in res["after"]
-    assert torch.load(out, map_location="cpu", weights_only=False)["finetune"]["lr0"] == 0.001
+    assert torch.load(out, map_location="cpu", weights_only=False)["finetune"]["lr"] == 0.001
     assert sorted(x.name for x in tmp_path.iterdir()) == ["cli.pt"]  # no ./runs in the user's cwd
     p = _run_cli("val", "--model", str(out), "--data", str(tiny_data), "--imgsz", str(IMGSZ), "--json", cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-2000:]
     m = json.loads(p.stdout.strip().splitlines()[-1])
     assert m["map50_95"] == pytest.approx(F.validate(out, tiny_data, imgsz=IMGSZ)["map50_95"], abs=1e-4)
     assert isinstance(m["per_class"], dict)
-
-
-def test_iterative_prune_and_recover(tmp_path, coco_pt, tiny_data):
-    out = tmp_path / "iter.pt"
-    res = F.iterative_prune_finetune(coco_pt, tiny_data, ratio=0.3, steps=2, epochs_per_step=1, criterion="l1",
-                                     imgsz=IMGSZ, out=out, progress=False, batch=8, measure_before=False,
-                                     prune_kwargs={"allocation": "uniform"})
-    assert [r["step"] for r in res["steps"]] == [1, 2]
-    assert res["steps"][1]["params"] < res["steps"][0]["params"]  # the second round pruned further
-    raw = torch.load(out, map_location="cpu", weights_only=False)
-    assert {p.dtype for p in raw["model"].parameters()} == {torch.float32}
-    assert raw["prune_pack"]["provenance"]["base_provenance"]  # the chain back to the first round
-    assert raw["finetune"]["epochs"] == 1
-    assert sum(F.layer_widths(raw["model"]).values()) < sum(F.layer_widths(F.load_detection_checkpoint(coco_pt)[0]).values())
-
-
-def test_iterative_prune_and_distill_from_the_original(tmp_path, coco_pt, tiny_data):
-    from prune_pack.pruning.sources import sha256_file
-
-    out = tmp_path / "iter-kd.pt"
-    res = F.iterative_prune_finetune(coco_pt, tiny_data, ratio=0.2, steps=2, epochs_per_step=1, imgsz=IMGSZ, out=out,
-                                     progress=False, method="auto", batch=4, measure=False,
-                                     prune_kwargs={"allocation": "uniform", "calib_images": 4})
-    assert [r["method"] for r in res["steps"]] == ["distill", "distill"]
-    raw = torch.load(out, map_location="cpu", weights_only=False)
-    assert raw["finetune"]["method"] == "distill"
-    assert raw["finetune"]["teacher_sha256"] == sha256_file(coco_pt)  # every round learns from the unpruned model
-    assert raw["prune_pack"]["provenance"]["base_provenance"]["base_sha256"] == sha256_file(coco_pt)
 
 
 # ----------------------------------------------------------------------------- distillation recovery
@@ -302,9 +275,9 @@ def test_distill_refuses_other_classes_and_auto_picks_labels_for_them(ft_dir, pr
     other.write_text(yaml.safe_dump({**cfg, "path": str(tiny_data.parent), "names": {0: "part", 1: "scratch"}}))
     with pytest.raises(UserInputError, match="classes"):
         distill(pruned_pt, other, tmp_path / "x.pt", imgsz=IMGSZ, iterations=1, measure=False, progress=False)
-    assert F.choose_method("auto", pruned_pt, other) == "labels"
-    assert F.choose_method("auto", pruned_pt, tiny_data) == "distill"
-    assert F.choose_method("labels", pruned_pt, tiny_data) == "labels"
+    assert R.choose_method("auto", pruned_pt, other) == "labels"
+    assert R.choose_method("auto", pruned_pt, tiny_data) == "distill"
+    assert R.choose_method("labels", pruned_pt, tiny_data) == "labels"
     with pytest.raises(UserInputError, match="epochs"):
         distill(pruned_pt, tiny_data, tmp_path / "x.pt", imgsz=IMGSZ, measure=False, progress=False)
     assert not (tmp_path / "x.pt").exists()
@@ -351,3 +324,85 @@ def test_feature_hints_tap_only_layers_whose_shape_pruning_kept(coco_pt):
     with torch.no_grad():
         student(x)
     assert not taps.out and not twin.out  # removed hooks record nothing
+
+
+# ----------------------------------------------------------------------------- unlabeled frames, train device
+
+
+@pytest.fixture(scope="module")
+def frames_dir(ft_dir) -> Path:
+    """A hand-copied harvest: coco128 train images (not the tiny split's), JSON sidecars, a hidden partial file."""
+    src = sorted((shared_path("data", "coco128") / "images" / "train2017").glob("*.jpg"))[-6:]
+    root = ft_dir / "frames"
+    (root / "cam1").mkdir(parents=True)
+    for i, im in enumerate(src):
+        dest = root / ("cam1" if i % 2 else "") / im.name
+        shutil.copy(im, dest)
+        dest.with_suffix(".json").write_text(json.dumps({"stream": "cam1", "why": "novel"}))
+    (root / ".partial.jpg").write_bytes(b"\xff\xd8 cut short")
+    return root
+
+
+def test_unlabeled_images_ignores_sidecars_and_samples_evenly(frames_dir, tmp_path):
+    from prune_pack.pruning.sources import unlabeled_images
+
+    got = unlabeled_images(frames_dir)
+    assert len(got) == 6 and all(p.suffix == ".jpg" and not p.name.startswith(".") for p in got)
+    assert got == sorted(got)
+    few = unlabeled_images(frames_dir, limit=3)
+    assert len(few) == 3 and few[0] == got[0] and few[-1] != got[2]  # spread over the folder, not its first files
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "a.json").write_text("{}")
+    with pytest.raises(UserInputError, match="no images"):
+        unlabeled_images(tmp_path / "empty")
+    with pytest.raises(UserInputError, match="not a folder"):
+        unlabeled_images(tmp_path / "missing")
+
+
+def test_distill_on_unlabeled_frames_counts_them(tmp_path, pruned_pt, tiny_data, frames_dir):
+    out = tmp_path / "kd-frames.pt"
+    res = R.recover(pruned_pt, tiny_data, out, method="distill", imgsz=IMGSZ, epochs=1, batch=4, workers=1,
+                    train_device="cpu", unlabeled=frames_dir, measure=False, progress=False)
+    # Frames change what is seen, not how long: 1 epoch of the 8 train images at batch 4 = 2 iterations.
+    assert res["iterations"] == 2 and res["frames"] == {"distillation": 6} and res["train_device"] == "cpu"
+    rec = torch.load(out, map_location="cpu", weights_only=False)["finetune"]
+    assert rec["unlabeled_frames"] == 6 and rec["unlabeled"] == str(frames_dir.resolve()) and rec["train_device"] == "cpu"
+
+
+def test_distill_batches_do_not_depend_on_loader_workers(pruned_pt, frames_dir):
+    from prune_pack.pruning.distill import _batches
+    from prune_pack.pruning.sources import unlabeled_images
+
+    paths = unlabeled_images(frames_dir)
+    a = list(_batches(paths, 2, 64, seed=3, workers=0, device=torch.device("cpu"), steps=2))
+    b = list(_batches(paths, 2, 64, seed=3, workers=2, device=torch.device("cpu"), steps=2))
+    assert len(a) == len(b) == 2 and all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_train_device_resolution_and_cuda_without_cuda_is_one_line(tmp_path, pruned_pt, tiny_data):
+    assert R.resolve_train_device("cpu") == "cpu"
+    with pytest.raises(UserInputError, match="expected auto, cpu, cuda"):
+        R.resolve_train_device("tpu")
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    assert R.resolve_train_device("auto") == R.resolve_train_device(None) == "cpu"
+    p = _run_cli("finetune", "--model", str(pruned_pt), "--data", str(tiny_data), "--imgsz", str(IMGSZ), "--epochs", "1",
+                 "--train-device", "cuda", "--out", str(tmp_path / "x.pt"), cwd=tmp_path)
+    assert p.returncode == 2
+    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "--train-device cuda" in lines[0] and "0 CUDA device" in lines[0], p.stderr[-2000:]
+    assert not (tmp_path / "x.pt").exists()
+
+
+def test_cli_finetune_flag_beats_config_beats_default(tmp_path, pruned_pt, tiny_data):
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text("finetune:\n  train_device: cuda:7\n  method: distill\n  batch: 4\n")
+    p = _run_cli("finetune", "--model", str(pruned_pt), "--data", str(tiny_data), "--imgsz", str(IMGSZ), "--epochs", "1",
+                 "--config", str(cfg), "--out", str(tmp_path / "x.pt"), cwd=tmp_path)
+    assert p.returncode == 2 and "--train-device cuda:7" in p.stderr  # the config's device, no flag given
+    p = _run_cli("finetune", "--model", str(pruned_pt), "--data", str(tiny_data), "--imgsz", str(IMGSZ), "--epochs", "1",
+                 "--config", str(cfg), "--train-device", "cpu", "--workers", "0", "--out", str(tmp_path / "y.pt"), "--json",
+                 cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-2000:]
+    res = json.loads(p.stdout.strip().splitlines()[-1])
+    assert res["train_device"] == "cpu" and res["method"] == "distill" and res["batch"] == 4  # flag, then config

@@ -219,7 +219,7 @@ def test_bias_compensation_reduces_output_error(coco_pt, coco128_yaml):
         ctx.in_stats = I.collect_input_stats(model, groups, calib)
         scores = I.group_scores(groups, "act_var", ctx)
         plan = P.uniform_plan(groups, 0.1, 8, 0.75)
-        P.apply_plan(model, dg, groups, plan, scores, ctx, bias_compensation=mode != "none", lsq=mode == "lsq")
+        P.apply_plan(model, dg, groups, plan, scores, ctx, compensation=mode)
         with torch.no_grad():
             errs[mode] = P.distortion(model(x)[0], ref, 80)
     assert errs["lsq"] < errs["mean"] < errs["none"], errs
@@ -254,7 +254,7 @@ def test_lsq_criterion_removes_one_of_two_twins_first_and_keeps_the_other(coco_p
     other = copy_to if first == best else best
     assert float(order[other]) > float(order.median())  # once its twin is gone, it carries the information
     with pytest.raises(UserInputError, match="needs compensation 'lsq'"):
-        prune_model(coco_pt, 0.1, criterion="lsq", reconstruct=False, progress=False)
+        prune_model(coco_pt, 0.1, criterion="lsq", compensation="mean", progress=False)
 
 
 def test_bn_recalibration_matches_the_calibration_statistics(coco_pt, coco128_yaml):
@@ -405,3 +405,44 @@ def test_forced_zero_equivalence_other_families(cfg, bus_tensor):
     with torch.no_grad():
         pruned = model(bus_tensor)[0]
     torch.testing.assert_close(pruned, zeroed, rtol=1e-4, atol=1e-3)
+
+
+def _frames(folder: Path, n: int) -> Path:
+    """A hand-copied frames folder: ``n`` JPEGs (bus.jpg flipped/shifted copies) with JSON sidecars."""
+    import cv2
+
+    folder.mkdir(parents=True, exist_ok=True)
+    im = cv2.imread(str(bus_jpg()))
+    for i in range(n):
+        cv2.imwrite(str(folder / f"f{i:03d}.jpg"), __import__("numpy").roll(im[:, ::-1] if i % 2 else im, 17 * i, axis=1))
+        (folder / f"f{i:03d}.json").write_text('{"stream": "cam"}')
+    return folder
+
+
+def test_prune_calibrates_on_unlabeled_frames_and_counts_them(tiny_pt, tmp_path):
+    frames = _frames(tmp_path / "frames", 5)
+    kw = dict(criterion="lsq", imgsz=IMGSZ, allocation="uniform", progress=False, recalibrate_bn=True)
+    _, info = prune_model(tiny_pt, 0.3, unlabeled=frames, calib_images=4, **kw)
+    assert info["frames"] == {"calibration": 4, "bn_recalibration": 4} and info["calib_images"] == 4
+    assert "unlabeled frames" in info["calibration"]
+    _, plain = prune_model(tiny_pt, 0.3, **kw)  # without frames: the bundled images, nothing counted
+    assert plain["frames"] == {"calibration": 0, "bn_recalibration": 0}
+    with pytest.raises(UserInputError, match="no images"):
+        prune_model(tiny_pt, 0.3, unlabeled=tmp_path, **kw)  # only the .pt files of other tests: no images
+
+
+def test_cli_prune_flags_over_config_over_defaults(tiny_pt, tmp_path):
+    """The prune section of a config file is read (no literal defaults in the handler); a flag beats it."""
+    from prune_pack.cli import main
+
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text("prune:\n  criterion: l2\n  allocation: uniform\n  compensation: mean\n  round_to: 8\n")
+    frames = _frames(tmp_path / "frames", 3)
+    out = tmp_path / "cli.pt"
+    rc = main(["prune", "--model", str(tiny_pt), "--ratio", "0.2", "--imgsz", "64", "--config", str(cfg), "--criterion", "l1",
+               "--unlabeled", str(frames), "--out", str(out)])
+    assert rc == 0
+    prov = load_checkpoint(out)[1]
+    assert prov["criterion"] == "l1"  # the flag
+    assert prov["allocation"] == "uniform" and prov["bias_compensation"] == "mean" and prov["round_to"] == 8  # the config
+    assert prov["frames"]["calibration"] == 3 and prov["max_layer_ratio"] == 0.75  # the frames; a default

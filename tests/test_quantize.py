@@ -17,6 +17,7 @@ import onnxruntime as ort  # noqa: E402
 
 from prune_pack.deploy.export import default_parity_images, export_onnx, export_package  # noqa: E402
 from prune_pack.deploy.quantize import AccuracyGateError, head_tail_nodes, int8_gate, quantize_int8, silu_to_quickgelu  # noqa: E402
+from prune_pack.errors import UserInputError  # noqa: E402
 from prune_pack.pruning.sources import dataset_images  # noqa: E402
 
 
@@ -135,3 +136,23 @@ def test_rectangular_int8_package_runs_on_the_agent_at_its_own_shape(coco_pt, sm
         boxes, _ = det.detect_array(img)
         found += len(boxes)
     assert found >= 5
+
+
+def test_int8_calibrates_on_unlabeled_frames_and_counts_them(coco_pt, small_coco, tmp_path):
+    """export --int8 --unlabeled: the frames (sidecars ignored) replace the train split for calibration;
+    the val split stays the gate; the result and the manifest say how many frames were used."""
+    from prune_pack.agent.package import verify_package
+
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    for p in dataset_images(small_coco, "train")[-5:]:
+        (frames / p.name).write_bytes(p.read_bytes())
+        (frames / p.name).with_suffix(".json").write_text("{}")
+    r = export_package(coco_pt, tmp_path / "f.ppk", imgsz=160, int8=True, data_yaml=small_coco, calib_images=4,
+                       latency_runs=0, registry=tmp_path / "v.json", max_map_drop=1.0, unlabeled=frames, backends=("ort",))
+    assert r["precision"] == "int8" and r["frames"] == {"int8_calibration": 4}
+    q = verify_package(tmp_path / "f.ppk", allow_unsigned=True, staging_root=tmp_path / "stage").manifest["quantization"]
+    assert q["calib_images"] == 4 and q["calibration"] == "unlabeled frames"
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserInputError, match="no images"):  # before any export work
+        export_package(coco_pt, tmp_path / "g.ppk", imgsz=160, int8=True, data_yaml=small_coco, unlabeled=tmp_path / "empty")

@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
-from prune_pack.deploy.export import ImgSz, hw, norm_imgsz, shape_str
+from prune_pack.imgsz import ImgSz, hw, norm_imgsz, shape_str
 from prune_pack.deploy.search.stats import BUDGET, UNSURE, Measurement, combined, decide, point_estimate
 
 
