@@ -28,7 +28,7 @@ import secrets
 import threading
 import time
 from pathlib import Path
-from typing import Any, Iterable, Optional, Union
+from typing import Iterable, Optional, Union
 
 from prune_pack.agent.commands import CommandError
 from prune_pack.agent.fsutil import atomic_write, move_aside

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from prune_pack.agent.settings import MqttSection
+from prune_pack.deploy.remote import json_object
 from prune_pack.errors import DeviceUnavailable, UserInputError
 
 ROLLOUT_TOPIC = "_rollout"  # {prefix}/_rollout/{id}: 3 levels, never a device topic (those have 4+)
@@ -139,14 +140,6 @@ FIELDS = {
 # ---------------------------------------------------------------- the shared connection
 
 
-def _json_object(payload: bytes) -> Optional[dict]:
-    try:
-        body = json.loads(payload)
-    except ValueError:
-        return None
-    return body if isinstance(body, dict) else None
-
-
 class FleetLink:
     """One host connection that sees the whole fleet (see module docstring)."""
 
@@ -213,7 +206,7 @@ class FleetLink:
         if msg.retain:
             self._last_retained = time.monotonic()
         if len(parts) >= 3 and parts[1] == ROLLOUT_TOPIC:
-            body = _json_object(msg.payload) if msg.payload else None
+            body = json_object(msg.payload) if msg.payload else None
             with self.cond:
                 if len(parts) == 4 and parts[3] == "abort" and body is not None:
                     self.abort_requests.add(parts[2])
@@ -223,7 +216,7 @@ class FleetLink:
             return
         if len(parts) < 4:
             return
-        body = _json_object(msg.payload)
+        body = json_object(msg.payload)
         if body is None:
             return
         name = f"{parts[1]}/{parts[2]}"

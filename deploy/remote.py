@@ -28,7 +28,7 @@ CONNECT_TIMEOUT_S = 10.0
 STATUS_WAIT_S = 3.0  # how long to wait for the retained status after subscribing
 
 
-def _json_object(payload: bytes) -> Optional[dict]:
+def json_object(payload: bytes) -> Optional[dict]:
     """A message's JSON object, or None for anything else (foreign or broken messages are ignored)."""
     try:
         body = json.loads(payload)
@@ -142,7 +142,7 @@ class RemoteDevice:
             self.client = None
 
     def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
-        body = _json_object(msg.payload)
+        body = json_object(msg.payload)
         if body is None:
             return
         with self._cond:
@@ -255,7 +255,7 @@ def fleet(mqtt: MqttSection, wait_s: float = 2.0, broker: Optional[str] = None) 
         parts = msg.topic.split("/")
         if len(parts) != 4:
             return
-        body = _json_object(msg.payload)
+        body = json_object(msg.payload)
         if body is None:
             return
         with lock:

@@ -26,6 +26,17 @@ REPO = Path(__file__).resolve().parent.parent
 TARGET_MS = 40.0
 
 
+def stop_cli(proc: subprocess.Popen) -> dict:
+    """SIGTERM a long-running ``prune-pack`` command (exporter, dashboard): it must exit 0 and print
+    its JSON summary as the last stdout line."""
+    import signal
+
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=20)
+    assert proc.returncode == 0, err.decode()[-2000:]
+    return json.loads(out.decode().strip().splitlines()[-1])
+
+
 def need_binary(name: str, package: str) -> str:
     exe = shutil.which(name) or (f"/usr/bin/{name}" if Path(f"/usr/bin/{name}").exists() else None)
     if exe is None:

@@ -17,6 +17,7 @@ from fleet_helpers import (
     host_mqtt,
     publish_rollout_state,
     start_agents,
+    stop_cli,
     target_package,
     wait_until,
 )
@@ -134,10 +135,7 @@ def test_cli_dashboard_serves_page_api_and_stops_on_sigterm(broker, tmp_path):
         assert "/static/uPlot.iife.min.js" in page and "/static/dashboard.js" in page
         assert get("/static/uPlot.iife.min.js").startswith("/*! https://github.com/leeoniya/uPlot")
         assert json.loads(get("/api/fleet"))["devices"] == []
-        proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=20)
-        assert proc.returncode == 0, err.decode()[-2000:]
-        assert json.loads(out.decode().strip().splitlines()[-1])["devices"] == 0
+        assert stop_cli(proc)["devices"] == 0
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -23,6 +23,7 @@ from fleet_helpers import (
     need_binary,
     publish_rollout_state,
     start_agents,
+    stop_cli,
     wait_until,
 )
 from test_mqtt_helpers import Watcher, check_message
@@ -240,10 +241,7 @@ def test_cli_exporter_serves_and_stops_on_sigterm(broker, tmp_path):
         assert "prunepack_exporter_messages_total" in text
         wait_until(lambda: "prunepack_exporter_broker_connected 1.0" in _try_get(f"http://127.0.0.1:{port}/metrics"),
                    15, "the exporter to connect (the --broker flag wins over the config)")
-        proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=20)
-        assert proc.returncode == 0, err.decode()[-2000:]
-        assert json.loads(out.decode().strip().splitlines()[-1])["devices"] == 0
+        assert stop_cli(proc)["devices"] == 0
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -428,7 +428,9 @@ def test_prune_calibrates_on_unlabeled_frames_and_counts_them(tiny_pt, tmp_path)
     _, plain = prune_model(tiny_pt, 0.3, **kw)  # without frames: the bundled images, nothing counted
     assert plain["frames"] == {"calibration": 0, "bn_recalibration": 0}
     with pytest.raises(UserInputError, match="no images"):
-        prune_model(tiny_pt, 0.3, unlabeled=tmp_path, **kw)  # only the .pt files of other tests: no images
+        (tmp_path / "none").mkdir()
+        (tmp_path / "none" / "notes.json").write_text("{}")  # a sidecar without its image
+        prune_model(tiny_pt, 0.3, unlabeled=tmp_path / "none", **kw)
 
 
 def test_cli_prune_flags_over_config_over_defaults(tiny_pt, tmp_path):
