@@ -166,11 +166,16 @@ def test_json_output_is_the_only_stdout_line(tiny_pt, tmp_path):
     import sys
 
     out = tmp_path / "j.onnx"
-    p = subprocess.run([sys.executable, "-m", "prune_pack.cli", "export", "--model", str(tiny_pt), "--imgsz", str(IMGSZ),
-                        "--out", str(out), "--json"], capture_output=True, text=True, timeout=300)
+    cmd = [sys.executable, "-m", "prune_pack.cli", "export", "--model", str(tiny_pt), "--imgsz", str(IMGSZ), "--out", str(out)]
+    p = subprocess.run(cmd + ["--json", "--verbose"], capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
     assert json.loads(p.stdout)["precision"] == "fp32"  # the whole of stdout is one JSON object
     assert "export success" in p.stderr  # the library's own output was moved, not lost
+    # Without --verbose the library's chatter is left out; stdout is the summary alone, progress on stderr.
+    q = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert q.returncode == 0, q.stderr[-2000:]
+    assert "export success" not in q.stdout + q.stderr and "parity OK" in q.stderr
+    assert q.stdout.strip() and "ONNX:" not in q.stdout
 
 
 def test_pruning_provenance_reaches_the_manifest(tiny_pt, tmp_path):

@@ -24,6 +24,11 @@ from prune_pack.deploy.frames import FramesPullError, parse_since, pull, sha256_
 from prune_pack.deploy.remote import RemoteDevice
 
 
+
+def _stream(telemetry: dict, name: str) -> dict:
+    """One stream's entry of a telemetry/2 message (streams are a list with a ``stream`` field)."""
+    return next((x for x in telemetry.get("streams", []) if x.get("stream") == name), {})
+
 def host_mqtt(broker) -> MqttSection:
     return MqttSection(broker=broker.url, username="host", password_env="PP_HOST_PW")
 
@@ -77,8 +82,8 @@ def test_stream_harvest_then_cli_pull_and_stats(broker, tmp_path, monkeypatch, c
     try:
         w.status("online")
         assert w.call("deploy", {"path": str(package(tmp_path, 1))})["ok"]  # starts the streams
-        w.wait_for(lambda t, b: t.endswith("/telemetry") and b["streams"].get("cam1", {}).get("state") == "ended"
-                         and b["streams"]["cam1"]["in_flight"] == 0)[1]
+        w.wait_for(lambda t, b: t.endswith("/telemetry") and _stream(b, "cam1").get("state") == "ended"
+                         and _stream(b, "cam1")["in_flight"] == 0)[1]
         hv, deadline = d.daemon.harvester, time.monotonic() + 20
         processed = d.daemon.streams.metrics()["streams"]["cam1"]["frames_processed"]
         while hv.status()["sampled"] < processed and time.monotonic() < deadline:  # the last offer follows _finish
@@ -225,8 +230,8 @@ def test_read_only_pool_shows_paused_in_telemetry_and_streams_go_on(broker, tmp_
         tel = w.wait_for(lambda t, b: t.endswith("/telemetry") and (b.get("harvest") or {}).get("state") == "paused")[1]
         assert tel["harvest"]["reason"] in ("read-only file system", "permission denied") and tel["harvest"]["frames"] == 0
         mark = w.mark()
-        w.wait_for(lambda t, b: t.endswith("/telemetry") and b["streams"].get("cam1", {}).get("frames_processed", 0)
-                   > tel["streams"]["cam1"]["frames_processed"], start=mark)  # inference goes on
+        w.wait_for(lambda t, b: t.endswith("/telemetry") and _stream(b, "cam1").get("frames_processed", 0)
+                   > _stream(tel, "cam1")["frames_processed"], start=mark)  # inference goes on
         assert w.call("ping")["ok"]
     finally:
         d.stop()
