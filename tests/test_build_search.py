@@ -509,3 +509,11 @@ def test_an_unsteady_baseline_far_from_an_absolute_target_changes_nothing():
 
     res = search(Device(lambda c: unsteady), [BASE], parse_target("0.7x"), "p95", RATIOS)
     assert res.outcome == UNDECIDED and res.chosen is None
+    # 0.01 ms is out of reach of any pruning ratio however the baseline wobbles: unreachable, not undecided
+    from prune_pack.deploy.search import UNREACHABLE
+
+    res = search(Device(lambda c: unsteady if c.ratio == 0 else (1.0, 0.9, 1.1)), [BASE], 0.01, "p95", RATIOS)
+    assert res.outcome == UNREACHABLE and res.chosen is None
+    # ... while 20 ms is within reach of pruning: the unsteady baseline leaves it undecided
+    res = search(Device(lambda c: unsteady), [BASE], 20.0, "p95", RATIOS)
+    assert res.outcome == UNDECIDED

@@ -151,10 +151,11 @@ class _Searcher:
             self.order.append(c.key)
         return rec
 
-    def baseline(self, c: Candidate, relative: Optional[float]) -> Record:
+    def baseline(self, c: Candidate, relative: Optional[float], harshest: float) -> Record:
         """Measure the unpruned baseline until two measurements agree (at most three), then resolve a
         relative target from it and decide it. NOISY when it will not repeat -- unless the target is
-        absolute and every measurement is on the same side of it: then the noise changes nothing."""
+        absolute and the noise changes nothing: every measurement meets it, or even the fastest of them
+        pruned by ``harshest`` at the steepest latency law (k = 4) would still miss it."""
         rec = self.records.setdefault(c.key, Record(c))
         pct = self.j.pct
 
@@ -166,7 +167,9 @@ class _Searcher:
             if len(rec.measurements) >= 3:
                 sides = {decide([m], self.j.target_ms, pct, 0.0, 0) for m in rec.measurements} \
                     if relative is None else set()
-                if len(sides) != 1 or sides & {UNSURE, NOISY}:
+                fastest = min(m.bounds(pct)[0] for m in rec.measurements)
+                out_of_reach = LatencyModel(fastest, 4.0).predict(harshest) > (self.j.target_ms or 0.0)
+                if not (sides == {PASS} or (sides == {FAIL} and out_of_reach)):
                     rec.decision = NOISY
                     return rec
                 break
@@ -313,7 +316,7 @@ def search(
             return result(best.candidate, f"measurement budget ({j.budget}) spent; mildest passing candidate measured")
         return result(None, f"measurement budget ({j.budget}) spent before any candidate met the target", UNDECIDED)
 
-    base_rec = s.baseline(base, target.value if target.relative else None)
+    base_rec = s.baseline(base, target.value if target.relative else None, max(all_ratios, default=0.0))
     if base_rec.decision in (NOISY, BUDGET):
         return stopped(base_rec)
     for i, lv in enumerate(levers):
