@@ -304,30 +304,16 @@ def search(
                             s.records, s.order, j.used, g, reason, outcome if chosen or outcome != MET else UNREACHABLE,
                             base_rec.point(percentile) if base_rec else None, floor_ratio, base)
 
-    def stopped(rec: Record) -> SearchResult:
-        """The search cannot go on: the device is too noisy, or the budget is spent."""
-        if rec.decision == NOISY:
-            return result(None, f"the device was too noisy to decide {rec.candidate.key}: repeated measurements "
-                                f"disagreed beyond their confidence intervals (a busy machine)", UNDECIDED)
-        passing = [s.records[k] for k in s.order if s.records[k].decision == PASS
-                   and (s.records[k].candidate.ratio > 0 or s.records[k].candidate == base or s.records[k].gate)]
-        if passing:
-            best = min(passing, key=lambda r: (r.candidate.ratio, r.point(percentile) or math.inf))
-            return result(best.candidate, f"measurement budget ({j.budget}) spent; mildest passing candidate measured")
-        return result(None, f"measurement budget ({j.budget}) spent before any candidate met the target", UNDECIDED)
-
     base_rec = s.baseline(base, target.value if target.relative else None, max(all_ratios, default=0.0))
     if base_rec.decision in (NOISY, BUDGET):
-        return stopped(base_rec)
-    for i, lv in enumerate(levers):
-        if i and _skip_smaller_input(s, levers, i, base, j.target_ms):
-            continue
-        rec = base_rec if i == 0 else s.judge(lv)
-        if rec.decision in (NOISY, BUDGET):
-            return stopped(rec)
-        if rec.decision == PASS and (lv is base or s.gate(rec)):
-            return result(lv, "target met by the unpruned model" if lv is base else
-                          f"target met by changing {lever_name(base, lv)} (no pruning)")
+        return result(*_halted(s, base, base_rec))
+    rec = _full_width(s, levers, base_rec)
+    if rec is not None and rec.decision in (NOISY, BUDGET):
+        return result(*_halted(s, base, rec))
+    if rec is not None:
+        lv = rec.candidate
+        return result(lv, "target met by the unpruned model" if lv == base else
+                      f"target met by changing {lever_name(base, lv)} (no pruning)")
     if not all_ratios:
         return result(None, "no lever met the target and pruning is disabled")
     if prune_family is None:
@@ -337,32 +323,69 @@ def search(
         prune_family = min(ok, key=lambda r: r.point(percentile) or math.inf).candidate
     fam_base = s.judge(dataclasses.replace(prune_family, ratio=0.0))
     if fam_base.decision in (NOISY, BUDGET):
-        return stopped(fam_base)
+        return result(*_halted(s, base, fam_base))
     grid = [dataclasses.replace(prune_family, ratio=r) for r in all_ratios]
-    lat: dict[int, float] = {-1: fam_base.point(percentile) or math.inf}
-    lo, hi, upper = -1, None, len(grid)
-    while (min(hi, upper) if hi is not None else upper) - lo > 1:
-        idx = guess_index(grid, lo, hi, lat, j.target_ms, upper)
-        if not s.viable(grid[idx]):
-            upper = idx  # beyond the accuracy floor before recovery: so is every harsher ratio
-            floor_ratio = grid[idx].ratio
-            continue
-        rec = s.judge(grid[idx])
-        if rec.decision in (NOISY, BUDGET):
-            return stopped(rec)
-        p = rec.point(percentile)
-        if p is not None:
-            lat[idx] = p
-        if rec.decision == PASS:
-            hi = idx
-        else:
-            lo = idx
+    hi, floor_ratio, halted = _bracket(s, grid, fam_base.point(percentile) or math.inf)
+    if halted is not None:
+        return result(*_halted(s, base, halted))
     if hi is None:
         if floor_ratio is not None:
             return result(None, f"no ratio within the accuracy floor meets the target (pruning {floor_ratio:.0%} "
                                 "would already lose too much before recovery)")
         return result(None, "the maximum pruning ratio does not meet the target")
     return result(grid[hi], "mildest passing pruning ratio on the grid")
+
+
+def _halted(s: _Searcher, base: Candidate, rec: Record) -> tuple[Optional[Candidate], str, str]:
+    """(chosen, reason, outcome) when the search cannot go on: the device is too noisy, or the budget
+    is spent (then the mildest passing candidate measured, if any)."""
+    if rec.decision == NOISY:
+        return None, (f"the device was too noisy to decide {rec.candidate.key}: repeated measurements "
+                      "disagreed beyond their confidence intervals (a busy machine)"), UNDECIDED
+    passing = [s.records[k] for k in s.order if s.records[k].decision == PASS
+               and (s.records[k].candidate.ratio > 0 or s.records[k].candidate == base or s.records[k].gate)]
+    if passing:
+        best = min(passing, key=lambda r: (r.candidate.ratio, r.point(s.j.pct) or math.inf))
+        return best.candidate, f"measurement budget ({s.j.budget}) spent; mildest passing candidate measured", MET
+    return None, f"measurement budget ({s.j.budget}) spent before any candidate met the target", UNDECIDED
+
+
+def _full_width(s: _Searcher, levers: Sequence[Candidate], base_rec: Record) -> Optional[Record]:
+    """The levers in order of accuracy cost: the first that meets the target and passes its gate (the
+    baseline is not gated), or the record that halted the search (NOISY/BUDGET), or None."""
+    base = levers[0]
+    for i, lv in enumerate(levers):
+        if i and _skip_smaller_input(s, levers, i, base, s.j.target_ms or math.inf):
+            continue
+        rec = base_rec if i == 0 else s.judge(lv)
+        if rec.decision in (NOISY, BUDGET) or (rec.decision == PASS and (i == 0 or s.gate(rec))):
+            return rec
+    return None
+
+
+def _bracket(s: _Searcher, grid: list[Candidate], base_ms: float) -> tuple[Optional[int], Optional[float], Optional[Record]]:
+    """Bracket the pruning grid until the [fails, passes] ends are neighbours: (index of the mildest
+    passing point or None, the mildest ratio found beyond the floor or None, the record that halted
+    the search (NOISY/BUDGET) or None)."""
+    lat: dict[int, float] = {-1: base_ms}
+    lo, hi, upper, floor_ratio = -1, None, len(grid), None
+    while (min(hi, upper) if hi is not None else upper) - lo > 1:
+        idx = guess_index(grid, lo, hi, lat, s.j.target_ms, upper)
+        if not s.viable(grid[idx]):
+            upper = idx  # beyond the accuracy floor before recovery: so is every harsher ratio
+            floor_ratio = grid[idx].ratio
+            continue
+        rec = s.judge(grid[idx])
+        if rec.decision in (NOISY, BUDGET):
+            return hi, floor_ratio, rec
+        p = rec.point(s.j.pct)
+        if p is not None:
+            lat[idx] = p
+        if rec.decision == PASS:
+            hi = idx
+        else:
+            lo = idx
+    return hi, floor_ratio, None
 
 
 @dataclass
