@@ -305,9 +305,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             cfg = load_config(getattr(args, "config", None))
         as_json = getattr(args, "json", False)
         host = HANDLERS[key][2]
-        if host and not getattr(args, "verbose", False):
-            # Ultralytics reads this when first imported (the handlers import it lazily, after this).
-            os.environ.setdefault("YOLO_VERBOSE", "False")
+        if host:
+            # Ultralytics reads this when first imported (the handlers import it lazily, after this);
+            # set either way, so that a value left by an earlier in-process call never decides.
+            os.environ["YOLO_VERBOSE"] = str(bool(getattr(args, "verbose", False)))
         # stdout carries the result only: what the libraries print on the way goes to stderr.
         with _stdout_to_stderr() if as_json or host else contextlib.nullcontext():
             result = _handler(key)(args, cfg)
