@@ -1,4 +1,4 @@
-"""The input-size type shared by export, quantization, the build and the reports (a leaf: imports nothing of ours).
+"""The input-size type shared by export, quantization, the build and the reports (a leaf: imports only ``errors``).
 
 An input size is Ultralytics' ``imgsz``: an int (square) or (height, width), both multiples of 32.
 """

@@ -421,16 +421,16 @@ def _frames(folder: Path, n: int) -> Path:
 
 def test_prune_calibrates_on_unlabeled_frames_and_counts_them(tiny_pt, tmp_path):
     frames = _frames(tmp_path / "frames", 5)
-    kw = dict(criterion="lsq", imgsz=IMGSZ, allocation="uniform", progress=False, recalibrate_bn=True)
+    kw = dict(criterion="act_var", compensation="mean", imgsz=64, allocation="uniform", progress=False, recalibrate_bn=True)
     _, info = prune_model(tiny_pt, 0.3, unlabeled=frames, calib_images=4, **kw)
     assert info["frames"] == {"calibration": 4, "bn_recalibration": 4} and info["calib_images"] == 4
     assert "unlabeled frames" in info["calibration"]
     _, plain = prune_model(tiny_pt, 0.3, **kw)  # without frames: the bundled images, nothing counted
     assert plain["frames"] == {"calibration": 0, "bn_recalibration": 0}
+    (tmp_path / "sidecars").mkdir()
+    (tmp_path / "sidecars" / "f.json").write_text("{}")
     with pytest.raises(UserInputError, match="no images"):
-        (tmp_path / "none").mkdir()
-        (tmp_path / "none" / "notes.json").write_text("{}")  # a sidecar without its image
-        prune_model(tiny_pt, 0.3, unlabeled=tmp_path / "none", **kw)
+        prune_model(tiny_pt, 0.3, unlabeled=tmp_path / "sidecars", **kw)
 
 
 def test_cli_prune_flags_over_config_over_defaults(tiny_pt, tmp_path):
