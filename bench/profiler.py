@@ -31,7 +31,7 @@ SHARED = Path(os.environ.get("PRUNE_PACK_SHARED", REPO.parent / "shared"))
 
 def export_onnx(pt: Path, imgsz: int, work: Path) -> Path:
     """Ultralytics' own exporter, on a copy (the exporter writes beside the .pt; ../shared is read-only)."""
-    os.environ.setdefault("YOLO_OFFLINE", "1")
+    import prune_pack.offline  # noqa: F401 - before Ultralytics: never the network
     from ultralytics import YOLO
 
     local = work / pt.name

@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("YOLO_OFFLINE", "1")
+import prune_pack.offline  # noqa: E402,F401 - before Ultralytics: never the network
 REPO = Path(__file__).resolve().parent.parent
 SHARED = Path(os.environ.get("PRUNE_PACK_SHARED", REPO.parent / "shared"))
 sys.path.insert(0, str(REPO))

@@ -191,7 +191,7 @@ def train_demo(out: Path, init: str, epochs: int, imgsz: int, batch: int, worker
     epochs; ``yolov8n.yaml`` trains from scratch, slower). Optional ``finish_epochs`` at
     ``finish_imgsz`` adapt the model to the deployment input size.
     """
-    os.environ.setdefault("YOLO_OFFLINE", "1")
+    import prune_pack.offline  # noqa: F401 - before Ultralytics: never the network
     from ultralytics import YOLO
 
     from prune_pack.pruning.sources import resolve_dataset
