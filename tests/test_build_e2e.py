@@ -106,8 +106,16 @@ def test_interrupted_build_resumes_and_meets_a_target_between_pruned_and_unprune
 
     cfg = _config(tmp_path / "c.yaml")
     out = tmp_path / "out"
+    # Frames of the deployment scene, as a device's harvest would bring them (a copy of the train images
+    # with sidecars): the build calibrates and recovers on them and the report counts them (issue 15).
+    frames = tmp_path / "frames" / "cam1"
+    frames.mkdir(parents=True)
+    for img in sorted((data.parent / yaml.safe_load(data.read_text())["path"] / "images" / "train").glob("*"))[:8]:
+        (frames / img.name).write_bytes(img.read_bytes())
+        (frames / (img.stem + ".json")).write_text('{"stream": "cam1"}')
     args = ["--model", str(pt), "--data", str(data), "--target-ms", f"{frac}x", "--percentile", "p50",
-            "--imgsz", str(IMGSZ), "--epochs", "1", "--config", str(cfg), "--out", str(out), "--json"]
+            "--imgsz", str(IMGSZ), "--epochs", "1", "--config", str(cfg), "--out", str(out), "--json",
+            "--unlabeled", str(frames.parent)]
     # 1) interrupted (SIGINT, as Ctrl-C) when the build starts pruning: the test hook names the phase,
     # so the interruption does not depend on how fast this host is.
     p = subprocess.run([sys.executable, "-m", "prune_pack.cli", "build", *args], capture_output=True, text=True,
@@ -161,6 +169,8 @@ def test_interrupted_build_resumes_and_meets_a_target_between_pruned_and_unprune
     assert report["verification"]["records"][-1]["decision"] == "pass"
     assert {"prune", "export", "profile", "finetune", "package"} <= set(report["phases_s"]) or res["ratio"] == 0
     assert report["accuracy_before"]["per_class"] is not None
+    assert res["frames"]["folder"] == str(frames.parent)
+    assert report["frames"]["distillation"] > 0 and report["frames"]["pruning_calibration"] > 0
     assert (out / "report.md").is_file() and (out / "latency.png").stat().st_size > 1000
     assert not (out / ".work").exists()
     pub = tmp_path / "cfghome" / "prune-pack" / "signing.pub"  # the default key, created on first use
