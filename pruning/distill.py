@@ -24,8 +24,10 @@ import math
 import os
 import random
 import shutil
+import signal
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Union
@@ -149,8 +151,21 @@ def _batches(paths: list[Path], batch: int, imgsz: int, seed: int, workers: int,
     loader = torch.utils.data.DataLoader(
         AugmentedImages(paths, imgsz, seed, length), batch_size=batch, num_workers=workers, worker_init_fn=_one_thread,
         pin_memory=device.type == "cuda", persistent_workers=workers > 0, prefetch_factor=4 if workers else None)
-    for x in loader:
-        yield x.to(device, non_blocking=True)
+    main = threading.current_thread() is threading.main_thread()
+    before = signal.getsignal(signal.SIGCHLD) if main else None
+    try:
+        for x in loader:
+            yield x.to(device, non_blocking=True)
+    finally:
+        # Worker processes make torch install a SIGCHLD handler for good; it outlived the loader and
+        # crashed the process at the next child that exited (measured: the test suite, SIGSEGV in the
+        # handler's frame after distillation + NNCF). The workers are gone now: give the signal back.
+        del loader
+        if main:
+            signal.signal(signal.SIGCHLD, before)
+            from torch.utils.data._utils import signal_handling
+
+            signal_handling._SIGCHLD_handler_set = False  # the next loader installs it afresh
 
 
 def default_teacher(ckpt: dict) -> Optional[Path]:

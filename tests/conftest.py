@@ -15,12 +15,6 @@ import pytest
 
 os.environ.setdefault("YOLO_OFFLINE", "1")
 
-# CPython spawns children with vfork(): the child shares the parent's memory until it execs. In this
-# test process (torch's OpenMP pool, polars' jemalloc and async threads loaded through Ultralytics,
-# 200+ threads by the middle of the suite) the whole suite died twice with SIGSEGV in the parent's
-# eval loop right after a vfork (gdb: "Detaching after vfork from child" then SIGSEGV in thread 1,
-# at test ~304 of 404; every smaller subset passed). fork()+exec costs a few ms more per child here.
-subprocess._USE_VFORK = False  # type: ignore[attr-defined]  # CPython >= 3.11.? knob, read at each spawn
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED = Path(os.environ.get("PRUNE_PACK_SHARED", REPO.parent / "shared"))
