@@ -43,6 +43,7 @@ from prune_pack.agent.commands import (
 )
 from prune_pack.agent.fetch import Fetched
 from prune_pack.agent.fsutil import disk_full, free_bytes
+from prune_pack.agent.manifest import class_names, target_ms
 from prune_pack.agent.mqtt import SCHEMA_DETECTIONS, SCHEMA_RESULT, SCHEMA_TELEMETRY, MqttLink
 from prune_pack.agent.settings import (
     AgentSection,
@@ -62,20 +63,6 @@ from prune_pack.errors import PrunePackError, ReasonedError
 log = logging.getLogger("prune_pack.agent.daemon")
 
 MiB = 1024 * 1024
-def _names(manifest: dict) -> dict[int, str]:
-    raw = manifest.get("names", manifest.get("classes"))
-    if isinstance(raw, list):
-        return {i: str(n) for i, n in enumerate(raw)}
-    if isinstance(raw, dict):
-        return {int(k): str(v) for k, v in raw.items() if str(k).isdigit()}
-    return {}
-
-
-def _target_ms(manifest: dict) -> Optional[float]:
-    """The package's latency target: ``target: {latency_ms, percentile}`` (written by the build), if any."""
-    t = manifest.get("target")
-    v = t.get("latency_ms") if isinstance(t, dict) else None
-    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 else None
 
 
 # ---------------------------------------------------------------------- daemon
@@ -272,7 +259,7 @@ class Daemon:
 
         factory = session_factory_for(self.inference, len(self.stream_cfgs), self.cache_dir)
         self.streams = StreamManager(streams=self.stream_cfgs, inference=self.inference, session_factory=factory,
-                                     names=_names(m.manifest), on_detections=self._on_detections,
+                                     names=class_names(m.manifest), on_detections=self._on_detections,
                                      model_path=m.model_path, harvester=self.harvester)
         self.streams.start()  # loads the model before the first frame is read
 
@@ -293,7 +280,7 @@ class Daemon:
             if self.streams is None:
                 self._start_streams()
             else:
-                self.streams.swap(m.model_path, _names(m.manifest))
+                self.streams.swap(m.model_path, class_names(m.manifest))
         if self.link is not None:
             self.link.republish_status()
         if self.discovery is not None:  # the device's model shown in Home Assistant
@@ -308,7 +295,7 @@ class Daemon:
         if m is None:
             return None
         info = {**m.summary(), "backend": self.inference.backend, "precision": self.precision or m.precision}
-        target = _target_ms(m.manifest)
+        target = target_ms(m.manifest)
         if target is not None:  # what dashboards and alerts compare the latency with
             info["target_ms"] = target
         return info

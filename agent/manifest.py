@@ -279,3 +279,21 @@ def check_newer(manifest: dict, active: Optional[dict], force: bool = False, max
     if force or new > cur or (new == cur and manifest.get("sha256") == active.get("sha256")):
         return
     raise PackageRejected("older_version", f"{manifest.get('name')} v{new} is not newer than v{cur} installed before; force to downgrade")
+
+
+def class_names(manifest: dict) -> dict[int, str]:
+    """The model's class names by index (``names`` as a list or a mapping; ``classes`` in old manifests)."""
+    raw = manifest.get("names", manifest.get("classes"))
+    if isinstance(raw, list):
+        return {i: str(n) for i, n in enumerate(raw)}
+    if isinstance(raw, dict):
+        return {int(k): str(v) for k, v in raw.items() if str(k).isdigit()}
+    return {}
+
+
+def target_ms(manifest: dict) -> Optional[float]:
+    """The package's latency target, ``target: {latency_ms, percentile}`` as the build writes it: what
+    the device's telemetry, the dashboards' alerts and a rollout's default gate compare with."""
+    t = manifest.get("target")
+    v = t.get("latency_ms") if isinstance(t, dict) else None
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 else None

@@ -96,7 +96,7 @@ def make_packages(tmp: Path) -> tuple[Path, Path, Path, Path]:
     priv, pub = generate_keypair(tmp / "keys")
     v1 = write_package(onnx_path, {"name": "line-detector", "precision": "fp32", "version": 1}, tmp / "v1.ppk", priv)
     v2 = write_package(onnx_path, {"name": "line-detector", "precision": "fp32", "version": 2,
-                                   "metrics": {"target_ms": 40.0}}, tmp / "v2.ppk", priv)
+                                   "target": {"latency_ms": 40.0, "percentile": "p95"}}, tmp / "v2.ppk", priv)
     return v1, v2, priv, pub
 
 

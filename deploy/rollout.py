@@ -25,6 +25,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from prune_pack.agent.manifest import target_ms
 from prune_pack.agent.settings import merged
 from prune_pack.deploy.fleet import (
     FleetLink,
@@ -102,13 +103,6 @@ def parse_gate(text: Optional[str]) -> Optional[float]:
         return float(s.removesuffix("ms"))
     except ValueError:
         raise UserInputError(f"--gate must look like p95<=40, got {text!r}") from None
-
-
-def package_target_ms(manifest: dict) -> Optional[float]:
-    for v in (manifest.get("target_ms"), (manifest.get("metrics") or {}).get("target_ms")):
-        if isinstance(v, (int, float)) and v > 0:
-            return float(v)
-    return None
 
 
 def plan_waves(names: list[str], canary: int, batch: int) -> list[list[str]]:
@@ -426,7 +420,7 @@ def _manifest(package: Path) -> tuple[dict, str]:
 
 
 def _gate(opts: RolloutSection, manifest: dict) -> float:
-    gate = opts.gate_p95_ms if opts.gate_p95_ms is not None else package_target_ms(manifest)
+    gate = opts.gate_p95_ms if opts.gate_p95_ms is not None else target_ms(manifest)
     if gate is None:
         raise UserInputError("the package names no latency target: give --gate p95<=MS (or rollout.gate_p95_ms)")
     return gate
