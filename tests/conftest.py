@@ -79,7 +79,7 @@ def bus_jpg() -> Path:
 
 # ---------------------------------------------------------------- Mosquitto
 
-USERS = {"device": "device-secret", "host": "host-secret", "viewer": "viewer-secret"}
+USERS = {"device": "device-secret", "host": "host-secret", "viewer": "viewer-secret", "hass": "hass-secret"}
 
 
 def free_port() -> int:
@@ -114,7 +114,9 @@ class Broker:
             # Home Assistant discovery: the two lines docs/mqtt.md asks for
             "topic write homeassistant/device/+/config\ntopic read homeassistant/status\n\n"
             "user host\ntopic readwrite prunepack/#\ntopic readwrite test/#\ntopic readwrite homeassistant/#\n\n"
-            "user viewer\ntopic read prunepack/#\ntopic read test/#\n"
+            "user viewer\ntopic read prunepack/#\ntopic read test/#\n\n"
+            # Home Assistant's own user, as docs/mqtt.md gives it (+ mqtt_statestream's topics for the test)
+            "user hass\ntopic read prunepack/#\ntopic readwrite homeassistant/#\ntopic readwrite hastate/#\n"
         )
         os.chmod(acl, 0o600)
         self.conf = root / "mosquitto.conf"
