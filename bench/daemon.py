@@ -12,8 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -23,29 +21,10 @@ from pathlib import Path
 import psutil
 import yaml
 
+from _broker import start_broker  # bench/_broker.py (scripts run as python bench/NAME.py)
+
 REPO = Path(__file__).resolve().parent.parent
 SHARED_INT8 = Path(os.environ.get("PRUNE_PACK_SHARED", REPO.parent / "shared")) / "models" / "yolov8n_int8.onnx"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_broker(tmp: Path) -> tuple[subprocess.Popen, int]:
-    port = free_port()
-    conf = tmp / "mosquitto.conf"
-    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n")
-    proc = subprocess.Popen([shutil.which("mosquitto") or "/usr/sbin/mosquitto", "-c", str(conf)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    for _ in range(100):
-        try:
-            socket.create_connection(("127.0.0.1", port), 0.2).close()
-            return proc, port
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError("mosquitto did not start")
 
 
 def seed_store(state: Path, onnx: Path, name: str) -> None:

@@ -11,13 +11,11 @@ on disk and its request record), and ``prune-pack devices`` over N retained stat
 from __future__ import annotations
 
 import argparse
-import getpass
 import importlib.util
 import json
 import os
 import platform
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,6 +25,8 @@ from pathlib import Path
 import psutil
 import yaml
 
+from _broker import start_broker  # bench/_broker.py (scripts run as python bench/NAME.py)
+
 REPO = Path(__file__).resolve().parent.parent
 PCS = {  # simulated PC models: the p95 each reaches, streams per device
     "ipc-gen4": {"latency_ms": 15.0, "streams": 2},
@@ -34,34 +34,6 @@ PCS = {  # simulated PC models: the p95 each reaches, streams per device
     "ipc-headless": {"latency_ms": 18.0, "streams": 0},  # no streams: gated on the deploy's profile
     "ipc-gen2": {"latency_ms": 55.0, "streams": 1},  # misses the 40 ms gate
 }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_broker(tmp: Path) -> tuple[subprocess.Popen, int]:
-    port = free_port()
-    pw = tmp / "passwd"
-    pw.write_text("")
-    for user, secret in (("device", "device-secret"), ("host", "host-secret")):
-        subprocess.run(["mosquitto_passwd", "-b", str(pw), user, secret], check=True, capture_output=True)
-    acl = tmp / "acl"
-    acl.write_text("user device\ntopic readwrite prunepack/#\n\nuser host\ntopic readwrite prunepack/#\ntopic read $SYS/#\n")
-    conf = tmp / "mosquitto.conf"
-    conf.write_text(f"user {getpass.getuser()}\nlistener {port} 127.0.0.1\nallow_anonymous false\npassword_file {pw}\nacl_file {acl}\n"
-                    "persistence false\nsys_interval 1\nmax_queued_messages 100000\n")
-    proc = subprocess.Popen([shutil.which("mosquitto") or "/usr/sbin/mosquitto", "-c", str(conf)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    for _ in range(100):
-        try:
-            socket.create_connection(("127.0.0.1", port), 0.2).close()
-            return proc, port
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError("mosquitto did not start")
 
 
 class SysCounters:
@@ -132,7 +104,10 @@ def main() -> None:
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "rollout.md"))
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="pp-rollout-bench-"))
-    broker, port = start_broker(tmp)
+    broker, port = start_broker(
+        tmp, {"device": "device-secret", "host": "host-secret"},
+        "user device\ntopic readwrite prunepack/#\n\nuser host\ntopic readwrite prunepack/#\ntopic read $SYS/#\n",
+        "sys_interval 1\nmax_queued_messages 100000\n")
     procs: list[subprocess.Popen] = []
     try:
         v1, v2, priv, pub = make_packages(tmp)
