@@ -30,6 +30,7 @@ out of limits and missing required fields are answered ``bad_request`` and never
 from __future__ import annotations
 
 import importlib
+import json
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal, Optional
 
@@ -160,3 +161,34 @@ def given_source(args: dict) -> bool:
 PROFILE_ARGS = {"backend": Arg("string", max_length=64), "precision": Arg("string", max_length=64),
                 "threads": Arg("integer", minimum=0, maximum=256), "warmup": Arg("integer", minimum=0, maximum=1000),
                 "runs": Arg("integer", minimum=1, maximum=10000), "seconds": Arg("number", minimum=0.01, maximum=600)}
+
+
+def _json_object(payload: bytes) -> Any:
+    return json.loads(payload.decode("utf-8"))
+
+
+def _valid_request_id(rid: Any) -> bool:
+    return isinstance(rid, str) and 1 <= len(rid) <= 128
+
+
+def parse_request(payload: bytes) -> dict:
+    """A request's JSON object with its ``request_id``; ``CommandError`` for anything else."""
+    try:
+        obj = _json_object(payload)
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise CommandError("bad_json", "the payload is not UTF-8 JSON") from None
+    if not isinstance(obj, dict):
+        raise CommandError("bad_request", f"the payload must be a JSON object, got {type(obj).__name__}")
+    if not _valid_request_id(obj.get("request_id")):
+        raise CommandError("bad_request", "request_id (a string of 1-128 characters) is required")
+    return obj
+
+
+def request_id_of(payload: bytes) -> Optional[str]:
+    """The request_id to echo even when the rest of the request is bad."""
+    try:
+        obj = _json_object(payload)
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return None
+    rid = obj.get("request_id") if isinstance(obj, dict) else None
+    return rid if _valid_request_id(rid) else None

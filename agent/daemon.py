@@ -14,7 +14,6 @@ failure at any step answers with a reason and leaves the active model running.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import queue
@@ -40,6 +39,8 @@ from prune_pack.agent.commands import (
     lane_of,
     load_all,
     lookup,
+    parse_request,
+    request_id_of,
 )
 from prune_pack.agent.fetch import Fetched
 from prune_pack.agent.fsutil import disk_full, free_bytes
@@ -393,10 +394,10 @@ class Daemon:
         request_id: Optional[str] = None
         result: Any = None
         if payload is not None:
-            request_id = _request_id(payload)
+            request_id = request_id_of(payload)
         if error is None:
             try:
-                request = _parse(payload or b"")
+                request = parse_request(payload or b"")
                 request_id = request["request_id"]
                 spec = lookup(name)
                 args = {k: v for k, v in request.items() if k not in COMMON_FIELDS}
@@ -576,29 +577,6 @@ class Daemon:
 
     def _fetched(self, args: dict) -> Fetched:
         return Fetched(self.agent, self.store.new_staging, args)
-
-
-def _parse(payload: bytes) -> dict:
-    try:
-        obj = json.loads(payload.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError):
-        raise CommandError("bad_json", "the payload is not UTF-8 JSON") from None
-    if not isinstance(obj, dict):
-        raise CommandError("bad_request", f"the payload must be a JSON object, got {type(obj).__name__}")
-    rid = obj.get("request_id")
-    if not isinstance(rid, str) or not 1 <= len(rid) <= 128:
-        raise CommandError("bad_request", "request_id (a string of 1-128 characters) is required")
-    return obj
-
-
-def _request_id(payload: bytes) -> Optional[str]:
-    """The request_id to echo even when the rest of the request is bad."""
-    try:
-        obj = json.loads(payload.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError):
-        return None
-    rid = obj.get("request_id") if isinstance(obj, dict) else None
-    return rid if isinstance(rid, str) and 1 <= len(rid) <= 128 else None
 
 
 def cli_agent_run(args: Any, cfg: Any) -> None:
