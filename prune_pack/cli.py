@@ -72,6 +72,19 @@ def build_parser() -> argparse.ArgumentParser:
     sub = root.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     common = _common()
 
+    _model_commands(sub, common)
+    _package_commands(sub, common)
+    _fleet_commands(sub, common)
+
+    c = sub.add_parser("config", help="configuration files")
+    csub = c.add_subparsers(dest="config_command", metavar="ACTION", parser_class=_Parser)
+    cc = csub.add_parser("check", parents=[_common(config=False)], help="validate a configuration file")
+    cc.add_argument("file", metavar="FILE")
+    return root
+
+
+def _model_commands(sub: Any, common: argparse.ArgumentParser) -> None:
+    """build, prune, finetune, val, export: the model side."""
     b = sub.add_parser("build", parents=[common], help="prune, fine-tune, export and package to meet a latency target on the device")
     b.add_argument("--model", metavar="PT", help="Ultralytics .pt detection model (default: the built-in demo model)")
     b.add_argument("--data", metavar="YAML", help="dataset yaml (default: the built-in demo dataset)")
@@ -146,6 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--version-number", type=int, dest="version_number", help="manifest version (default: next for this name)")
     e.add_argument("--out", metavar="PACKAGE", required=True, help="package file to write (.ppk), or .onnx for the bare model")
 
+
+def _package_commands(sub: Any, common: argparse.ArgumentParser) -> None:
+    """verify, keys, profile, deploy: packages on this machine or one device."""
     ver = sub.add_parser("verify", parents=[_common(config=True)], help="verify a package's hashes and signature")
     ver.add_argument("package", metavar="PACKAGE")
     ver.add_argument("--pubkey", metavar="FILE", action="append", help="trusted public key (repeatable)")
@@ -178,6 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--force", action="store_true", help="allow an older version than the active one")
     d.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the device's answer")
 
+
+def _fleet_commands(sub: Any, common: argparse.ArgumentParser) -> None:
+    """devices, rollout, exporter, dashboard, agent, frames: the fleet over MQTT."""
     dv = sub.add_parser("devices", parents=[common], help="the fleet as the retained status topics show it")
     dv.add_argument("--broker", metavar="URL", help="MQTT broker URL (overrides the config)")
     dv.add_argument("--wait", type=float, default=2.0, help="seconds to collect retained messages")
@@ -227,13 +246,6 @@ def build_parser() -> argparse.ArgumentParser:
     fs.add_argument("--device", help="device id: its pool's state instead of a folder")
     fs.add_argument("--broker", metavar="URL", help="MQTT broker URL (overrides the config)")
     fs.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the device's answer")
-
-    c = sub.add_parser("config", help="configuration files")
-    csub = c.add_subparsers(dest="config_command", metavar="ACTION", parser_class=_Parser)
-    cc = csub.add_parser("check", parents=[_common(config=False)], help="validate a configuration file")
-    cc.add_argument("file", metavar="FILE")
-    return root
-
 
 def _command_key(args: argparse.Namespace) -> Optional[str]:
     cmd = args.command
