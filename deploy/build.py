@@ -15,7 +15,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from prune_pack.agent.settings import merged
 from prune_pack.deploy.build_state import WorkArea
@@ -23,7 +23,7 @@ from prune_pack.imgsz import shape_str
 from prune_pack.deploy.levers import camera_shape, plan_levers, ratio_grid, suggestions
 from prune_pack.deploy.pipeline import Pipeline, log
 from prune_pack.deploy.search import (
-    PERCENTILES, UNDECIDED, Candidate, Judge, SearchResult, Verification, lever_name, search, verify,
+    MET, PASS, PERCENTILES, UNDECIDED, Candidate, Judge, SearchResult, Verification, lever_name, search, verify,
 )
 from prune_pack.deploy.settings import BuildSection, Target, parse_target
 from prune_pack.errors import AccuracyFloorError, DeviceTooNoisy, TargetUnreachable, UserInputError
@@ -143,6 +143,7 @@ def _search(opts: BuildOptions, pipe: Pipeline, levers: list[Candidate]) -> tupl
     if res.outcome == UNDECIDED:
         raise DeviceTooNoisy(f"undecided: {res.reason}; unpruned {_ms(res.baseline_ms)}. Nothing was packaged: "
                              "rerun on a quieter device, or raise profile.runs / build.max_measurements")
+    res = prefer_lever(opts, res, pipe.lever_drop, pipe.best_recovered_drop)
     if res.chosen is None:
         best = res.best()
         best_txt = f"best {best.point(opts.percentile):.1f} ms ({best.candidate.key})" if best else "nothing measured"
@@ -152,6 +153,57 @@ def _search(opts: BuildOptions, pipe: Pipeline, levers: list[Candidate]) -> tupl
             f"{suggestions(opts.imgsz, levers)}")
     log(f"chosen {res.chosen.key} ({res.lever}); {res.measurements_used} device measurement(s) so far")
     return res, judge
+
+
+def lever_over_gate(opts: BuildOptions, res: SearchResult, lever_drop: Callable[[Candidate], Optional[float]]
+                    ) -> Optional[tuple[Candidate, float]]:
+    """The cheapest full-width lever that met the target but cost more than the cheap gate
+    (export.int8_max_map_drop), still within the floor: (candidate, mAP50-95 cost) or None.
+
+    The build ships such a lever only when pruning would cost more: the levers go in order of
+    accuracy cost, and one over the gate may cost more than a little pruning, or far less."""
+    best: Optional[tuple[Candidate, float]] = None
+    for r in res.records.values():
+        c = r.candidate
+        if c.ratio or r.decision != PASS or r.gate is not False:
+            continue
+        drop = lever_drop(c)
+        if drop is not None and drop <= opts.max_map_drop + 1e-9 and (best is None or drop < best[1]):
+            best = (c, drop)
+    return best
+
+
+def prefer_lever(opts: BuildOptions, res: SearchResult, lever_drop: Callable[[Candidate], Optional[float]],
+                 best_recovered_drop: Callable[[float], float]) -> SearchResult:
+    """After the search: a lever over the gate instead of pruning that cannot do better, even after
+    the best recovery measured (``best_recovered_drop(ratio)``), or that cannot meet the target."""
+    over = lever_over_gate(opts, res, lever_drop) if res.outcome != UNDECIDED else None
+    if over is None or (res.chosen is not None and res.chosen.ratio == 0):
+        return res
+    if res.chosen is None:
+        return _take_lever(res, over, "pruning cannot meet the target within the floor")
+    least = best_recovered_drop(res.chosen.ratio)
+    if over[1] <= least:
+        return _take_lever(res, over, f"pruning ({res.chosen.key}) would cost at least {least * 100:.1f} points "
+                                      "even after the best recovery measured")
+    return res
+
+
+def _take_lever(res: SearchResult, over: tuple[Candidate, float], why: str) -> SearchResult:
+    c, drop = over
+    log(f"chosen {c.key}: it costs {drop * 100:.2f} points mAP50-95, over the INT8 gate but within the floor, "
+        f"and {why}")
+    return dataclasses.replace(
+        res, chosen=c, lever=lever_name(res.base or c, c), grid=[], outcome=MET,
+        reason=f"{c.key} meets the target at {drop * 100:.2f} points mAP50-95 (over the INT8 gate, within the floor); {why}")
+
+
+class _LeverIsCheaper(Exception):
+    """Raised inside the verification: the recovered pruned model cost more than a lever over the gate."""
+
+    def __init__(self, why: str) -> None:
+        super().__init__(why)
+        self.why = why
 
 
 def check_floor(opts: BuildOptions, res: SearchResult, c: Candidate, before: float, after: Optional[float]) -> None:
@@ -172,17 +224,27 @@ def check_floor(opts: BuildOptions, res: SearchResult, c: Candidate, before: flo
         f"accuracy: a higher --target-ms, or recover on the deployment's own frames")
 
 
-def _verify(opts: BuildOptions, pipe: Pipeline, res: SearchResult, judge: Judge, before: dict) -> Verification:
+def _verify(opts: BuildOptions, pipe: Pipeline, res: SearchResult, judge: Judge, before: dict
+            ) -> tuple[SearchResult, Verification]:
+    """Recover, package and measure the chosen candidate (``verify``); the result it ends with."""
     name = Path(pipe.model_pt).stem + ("-" + str(opts.target).replace(" ", ""))
+    over = lever_over_gate(opts, res, pipe.lever_drop) if res.chosen and res.chosen.ratio > 0 else None
 
     def prepare_final(c: Candidate, short: bool) -> None:
         final_pt = pipe.model_pt if c.ratio == 0 else pipe.recovered(c, short)
         after = (pipe.final_package(c, final_pt, name, res.target_ms).get("after") or {}).get("map50_95")
+        if over and c.ratio > 0 and after is not None and before["map50_95"] - after > over[1]:
+            raise _LeverIsCheaper(f"the recovered {c.key} cost {(before['map50_95'] - after) * 100:.1f} points")
         check_floor(opts, res, c, before["map50_95"], after)
 
     judge.budget = max(judge.budget, opts.max_measurements)
     with pipe.work.phase("verify"):
-        ver = verify(res, judge, prepare_final, pipe.measure_package, signature=pipe.widths)
+        try:
+            ver = verify(res, judge, prepare_final, pipe.measure_package, signature=pipe.widths)
+        except _LeverIsCheaper as e:
+            assert over is not None
+            res = _take_lever(res, over, e.why)
+            ver = verify(res, judge, prepare_final, pipe.measure_package, signature=pipe.widths)
     if ver.candidate is None:
         last = ver.records[-1]["latency_ms"] if ver.records else None
         what = f"{last:.1f} ms" if last is not None else "not measured"
@@ -197,7 +259,7 @@ def _verify(opts: BuildOptions, pipe: Pipeline, res: SearchResult, judge: Judge,
             f"the recovered model misses {res.target_ms:.1f} ms at {opts.percentile} on the device ({what}); the target "
             f"is at the edge of the noise: rerun, raise build.max_measurements, or set a slightly higher --target-ms; "
             f"what could help: {suggestions(opts.imgsz, [res.chosen] if res.chosen else [])}")
-    return ver
+    return res, ver
 
 
 def _hand_over(work: WorkArea, pkg: Path, files: dict) -> None:
@@ -237,7 +299,7 @@ def run_build(opts: BuildOptions) -> dict[str, Any]:
         levers = _levers(opts, pipe)
         res, judge = _search(opts, pipe, levers)
         before = pipe.reference()  # the unpruned FP32 ONNX model: the same runtime path as what ships
-        ver = _verify(opts, pipe, res, judge, before)
+        res, ver = _verify(opts, pipe, res, judge, before)
         report = assemble_report(opts, pipe, res, ver, levers, before, t_start)
         with work.phase("report"):
             files = write_reports(report, work.dir)
@@ -293,4 +355,4 @@ def cli_build(args: Any, cfg: Any) -> dict[str, Any]:
     return run_build(opts)
 
 
-__all__ = ["BuildOptions", "cli_build", "lever_name", "run_build"]
+__all__ = ["BuildOptions", "check_floor", "cli_build", "lever_name", "lever_over_gate", "prefer_lever", "run_build"]

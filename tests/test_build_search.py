@@ -178,6 +178,46 @@ def test_precision_rejected_by_gate_falls_back_to_pruning():
     assert res.lever == "pruning"
 
 
+@pytest.mark.parametrize("int8_cost,least_pruned,chosen", [
+    (0.018, 0.025, "int8"),     # the demo on ONNX Runtime: INT8 -1.8 points, pruning 20 % at least -2.5 after recovery
+    (0.018, 0.010, "pruning"),  # a little pruning could cost less: recover it and compare (verification)
+    (0.035, 0.025, "pruning"),  # INT8 beyond the 3-point floor: never shipped
+])
+def test_a_lever_over_the_gate_is_shipped_when_pruning_would_cost_more(int8_cost, least_pruned, chosen):
+    from prune_pack.deploy.build import BuildOptions, lever_over_gate, prefer_lever
+
+    int8 = Candidate(0.0, "ort", "int8", 640)
+    res = search(Device(lambda c: smooth(c) * (0.6 if c.precision == "int8" else 1.0)), [BASE, int8], 40.0, "p95",
+                 RATIOS, gate=lambda c: False)  # over the 1-point INT8 gate: the search goes on to pruning
+    assert res.chosen.ratio > 0
+    opts = BuildOptions(target_ms="40", max_map_drop=0.03)
+    costs = {int8.key: int8_cost}  # recorded accuracy costs (what the gate validated)
+    asked = []
+    out = prefer_lever(opts, res, lambda c: costs.get(c.key), lambda r: asked.append(r) or least_pruned)
+    assert asked == ([res.chosen.ratio] if int8_cost <= 0.03 else [])  # a lever beyond the floor is not weighed
+    if chosen == "int8":
+        assert out.chosen == int8 and out.lever == "precision" and out.grid == [] and "over the INT8 gate" in out.reason
+    else:
+        assert out is res and out.chosen.ratio > 0
+    # what the verification compares the recovered pruned model with
+    assert lever_over_gate(opts, res, lambda c: costs.get(c.key)) == ((int8, int8_cost) if int8_cost <= 0.03 else None)
+
+
+def test_a_lever_over_the_gate_is_shipped_when_pruning_cannot_meet_the_target():
+    from prune_pack.deploy.build import BuildOptions, prefer_lever
+    from prune_pack.deploy.search import MET
+
+    int8 = Candidate(0.0, "ort", "int8", 640)
+    res = search(Device(lambda c: smooth(c) * (0.6 if c.precision == "int8" else 1.0)), [BASE, int8], 40.0, "p95",
+                 RATIOS, gate=lambda c: False, viable=lambda c: False)  # every ratio beyond the floor
+    assert res.chosen is None
+    opts = BuildOptions(target_ms="40", max_map_drop=0.03)
+    out = prefer_lever(opts, res, lambda c: 0.02 if c == int8 else None, lambda r: pytest.fail("no pruning to compare"))
+    assert out.chosen == int8 and out.outcome == MET
+    # not within the floor: still unreachable
+    assert prefer_lever(opts, res, lambda c: 0.05 if c == int8 else None, lambda r: 0.0).chosen is None
+
+
 def test_pruning_plus_int8_when_int8_alone_is_not_enough():
     def table(c):
         return smooth(c) * (0.8 if c.precision == "int8" else 1.0)
@@ -442,7 +482,7 @@ def test_a_baseline_that_repeats_is_trusted_and_a_wide_one_is_measured_again():
     dev = Device(settles)
     res = search(dev, [BASE], 40.0, "p95", RATIOS, max_measurements=9)
     assert res.outcome == MET and res.chosen is not None
-    assert dev.calls[:3] == [BASE.key] * 3 and res.baseline_ms == pytest.approx(60.5)  # the median of all three
+    assert dev.calls[:3] == [BASE.key] * 3 and res.baseline_ms == pytest.approx(60.25)  # the two that agreed
     assert res.chosen.ratio == mildest_passing(smooth, 40.0)
 
 
@@ -460,6 +500,27 @@ def test_relative_target_is_a_fraction_of_the_measured_baseline():
     for bad in ("1.5x", "0x", "fast", "-3"):
         with pytest.raises(UserInputError):
             parse_target(bad)
+
+
+def test_a_relative_target_comes_from_the_two_baseline_measurements_that_agreed():
+    from prune_pack.deploy.search import Measurement
+    from prune_pack.deploy.settings import parse_target
+
+    def runs(centre: float) -> Measurement:  # 100 raw latencies, as the profiler sends them
+        xs = [centre * (1 + 0.01 * ((i * 37) % 11 - 5) / 5) for i in range(100)]
+        return Measurement.of(max(xs), (centre * 0.99, centre * 1.01), latencies_ms=xs)
+
+    burst_then_quiet = [runs(300.0), runs(100.0), runs(102.0)]  # a burst of load, then two that agree
+    calls = []
+
+    def dev(c):
+        calls.append(c.key)
+        return burst_then_quiet[min(len(calls), 3) - 1] if c.ratio == 0 else runs(smooth(c) * 100 / 60)
+
+    res = search(dev, [BASE], parse_target("0.75x"), "p95", RATIOS, max_measurements=9)
+    assert calls[:3] == [BASE.key] * 3
+    assert 0.75 * 100 <= res.target_ms <= 0.75 * 103  # not 0.75 x 300: the burst would loosen the target 3x
+    assert res.baseline_ms == pytest.approx(res.target_ms / 0.75)  # the report says the same baseline
 
 
 def test_ratios_beyond_the_accuracy_floor_are_never_measured():

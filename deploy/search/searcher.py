@@ -117,6 +117,7 @@ class _Searcher:
         self.records: dict[str, Record] = {}
         self.order: list[str] = []
         self.by_signature: dict[Hashable, str] = {}
+        self.baseline_ms: Optional[float] = None
 
     def _sig(self, c: Candidate) -> Optional[Hashable]:
         if self.signature_fn is None or c.ratio == 0:
@@ -170,14 +171,18 @@ class _Searcher:
                 fastest = min(m.bounds(pct)[0] for m in rec.measurements)
                 out_of_reach = LatencyModel(fastest, 4.0).predict(harshest) > (self.j.target_ms or 0.0)
                 if not (sides == {PASS} or (sides == {FAIL} and out_of_reach)):
-                    rec.decision = NOISY
+                    rec.decision, self.baseline_ms = NOISY, rec.point(pct)
                     return rec
                 break
             if self.j.measure(rec) is None:
-                rec.decision = BUDGET
+                rec.decision, self.baseline_ms = BUDGET, rec.point(pct)
                 return rec
+        # The baseline is the two measurements that agreed: a burst of load before them would, for
+        # one, loosen a relative target. All of them when none agreed (an absolute target, decided).
+        agreed = rec.measurements[-2:] if steady(rec.measurements[-2:]) else rec.measurements
+        self.baseline_ms = point_estimate(agreed, pct)
         if relative is not None:
-            self.j.target_ms = relative * (rec.point(pct) or math.inf)
+            self.j.target_ms = relative * (self.baseline_ms or math.inf)
         rec.decision = self.j.decide(rec)
         self.order.append(c.key)
         return rec
@@ -299,10 +304,9 @@ def search(
         # A full-width winner still gets its family's grid: if the shipped model misses on
         # verification, the one step goes into pruning.
         g = grid or ([dataclasses.replace(chosen, ratio=r) for r in all_ratios] if chosen and chosen.ratio == 0 else [])
-        base_rec = s.records.get(base.key)
         return SearchResult(j.target_ms or math.nan, percentile, chosen, lever_name(base, chosen) if chosen else None,
                             s.records, s.order, j.used, g, reason, outcome if chosen or outcome != MET else UNREACHABLE,
-                            base_rec.point(percentile) if base_rec else None, floor_ratio, base)
+                            s.baseline_ms, floor_ratio, base)
 
     base_rec = s.baseline(base, target.value if target.relative else None, max(all_ratios, default=0.0))
     if base_rec.decision in (NOISY, BUDGET):
