@@ -26,6 +26,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 import prune_pack.offline  # noqa: F401 - before Ultralytics
 import torch
@@ -62,6 +63,25 @@ def cpu_model() -> str:
         return platform.processor()
 
 
+class Results:
+    """One benchmark's JSON file: the run's context (date, CPU, load, arguments) and its rows, rewritten
+    after every row so an interrupted run keeps what it measured. Each row gets the load average and
+    torch's thread count at the moment it was recorded (shared CPU: seconds are only read next to them)."""
+
+    def __init__(self, out: Path, args: dict, rows: Optional[list[dict]] = None) -> None:
+        self.out, self.rows = out, list(rows or [])
+        self.meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpu": cpu_model(), "cpus": os.cpu_count(),
+                     "platform": platform.platform(), "args": args, "load_start": os.getloadavg()}
+
+    def emit(self, row: dict) -> dict:
+        row.update(load1=round(os.getloadavg()[0], 2), threads=torch.get_num_threads())
+        self.rows.append(row)
+        print(json.dumps(row), flush=True)
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        self.out.write_text(json.dumps({**self.meta, "rows": self.rows}, indent=1))
+        return row
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--ratios", default="0.15,0.4")
@@ -77,16 +97,8 @@ def main() -> None:
     model = demo.demo_model()
     counts = [int(x) for x in a.frames.split(",")]
     pool = make_frames(Path(a.frames_dir) if a.frames_dir else demo.cache_root() / "demo-frames-v1", max(counts))
-    rows: list[dict] = []
-    meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpu": cpu_model(), "cpus": os.cpu_count(),
-            "platform": platform.platform(), "args": vars(a), "load_start": os.getloadavg()}
-
-    def emit(row: dict) -> None:
-        row.update(load1=round(os.getloadavg()[0], 2), threads=torch.get_num_threads())
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.out).write_text(json.dumps({**meta, "rows": rows}, indent=1))
+    res = Results(Path(a.out), vars(a))
+    emit = res.emit
 
     emit({"ratio": 0.0, "frames": 0, "map50_95": validate(model, data, imgsz=a.imgsz, batch=1)["map50_95"]})
     for n in counts:
@@ -112,7 +124,7 @@ def main() -> None:
                   "calib_frames": info["frames"]["calibration"], "distill_frames": r["frames"]["distillation"],
                   "pruned_map50_95": pruned_map, "map50_95": validate(r["out"], data, imgsz=a.imgsz, batch=1)["map50_95"],
                   "iterations": r["iterations"], "prune_s": round(prune_s, 1), "recover_s": r["seconds"]})
-    meta["load_end"] = os.getloadavg()
+    res.meta["load_end"] = os.getloadavg()
     emit({"done": True})
 
 

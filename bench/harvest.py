@@ -339,6 +339,7 @@ def main() -> None:
     ap.add_argument("--interval", type=float, default=1.0, help="harvest.interval_s for the 'on' runs")
     ap.add_argument("--pull", type=int, metavar="N", help="measure a frames pull of N frames over a real Mosquitto")
     ap.add_argument("--kbps", type=float, default=1024.0, help="harvest.pull_kbps for --pull")
+    ap.add_argument("--results", default=None, help="also write the throughput JSON here (e.g. bench/results/harvest_throughput.json)")
     args = ap.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
     if args.pull:
@@ -354,6 +355,7 @@ def main() -> None:
         return
     model = export_onnx()
     video = stream_video(OUT / "stream.mp4")
+    load_start = os.getloadavg()
     runs = []
     for r in range(args.reps):
         for on in ((False, True) if r % 2 == 0 else (True, False)):  # ABBA: a load that drifts cancels out
@@ -363,19 +365,24 @@ def main() -> None:
     med = lambda key, on: statistics.median(x[key] for x in runs if x["harvest"] == on)  # noqa: E731
     share = statistics.median(x["harvest_cpu_share"] for x in runs if x["harvest"])
     pairs = [(runs[2 * r], runs[2 * r + 1]) for r in range(args.reps)]
-    pair_ratio = statistics.median((a if a["harvest"] else b)["fps"] / (b if a["harvest"] else a)["fps"] for a, b in pairs)
-    pair_cpu = statistics.median((a if a["harvest"] else b)["frames_per_cpu_s"] / (b if a["harvest"] else a)["frames_per_cpu_s"]
-                                 for a, b in pairs)
+    ratios = {key: [round((a if a["harvest"] else b)[key] / (b if a["harvest"] else a)[key], 4) for a, b in pairs]
+              for key in ("fps", "frames_per_cpu_s")}
+    pair_ratio, pair_cpu = statistics.median(ratios["fps"]), statistics.median(ratios["frames_per_cpu_s"])
     res = {"cpu": cpu_name(), "date": time.strftime("%Y-%m-%d"), "seconds": args.seconds, "reps": args.reps,
            "interval_s": args.interval, "fps_ratio": round(med("fps", True) / med("fps", False), 4),
            "frames_per_cpu_s_ratio": round(med("frames_per_cpu_s", True) / med("frames_per_cpu_s", False), 4),
-           "fps_ratio_paired": round(pair_ratio, 4), "frames_per_cpu_s_ratio_paired": round(pair_cpu, 4), "harvest_cpu_share": share, "runs": runs}
+           "fps_ratio_paired": round(pair_ratio, 4), "frames_per_cpu_s_ratio_paired": round(pair_cpu, 4), "harvest_cpu_share": share,
+           "paired_ratios": ratios, "paired_ratio_range": {k: [min(v), max(v)] for k, v in ratios.items()},
+           "load_start": load_start, "load_end": os.getloadavg(), "runs": runs}
     (OUT / "throughput.json").write_text(json.dumps(res, indent=1))
+    if args.results:
+        Path(args.results).write_text(json.dumps(res, indent=1))
     print(f"| harvest | processed fps | frames per CPU-second |\n|---|---|---|\n"
           f"| off | {med('fps', False):.2f} | {med('frames_per_cpu_s', False):.3f} |\n"
           f"| on (interval {args.interval:g} s) | {med('fps', True):.2f} | {med('frames_per_cpu_s', True):.3f} |\n"
           f"| on/off | {res['fps_ratio']:.3f} | {res['frames_per_cpu_s_ratio']:.3f} |\n\n"
-          f"median of the {args.reps} paired on/off ratios: fps {pair_ratio:.3f}, frames per CPU-second {pair_cpu:.3f}; "
+          f"median of the {args.reps} paired on/off ratios: fps {pair_ratio:.3f} (range {min(ratios['fps']):.3f}–{max(ratios['fps']):.3f}), "
+          f"frames per CPU-second {pair_cpu:.3f} (range {min(ratios['frames_per_cpu_s']):.3f}–{max(ratios['frames_per_cpu_s']):.3f}); "
           f"harvest's own CPU (offer + writer) / process CPU: {100 * share:.2f} % (median of {args.reps})")
 
 
