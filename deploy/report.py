@@ -191,11 +191,16 @@ def assemble_report(opts: Any, pipe: Any, res: Any, ver: Any, levers: Sequence[A
     costs = []
     for lv in levers[1:]:
         r = res.records.get(lv.key)
-        if r is None or not r.measurements:
-            continue
+        if lv == chosen or r is None or not r.measurements:
+            continue  # the chosen one: its row below, from the package and its verification
         q = pipe.val_cache.get(lv.key)
         costs.append({"lever": lever_name(levers[0], lv), "key": lv.key, "latency_ms": r.point(pct),
                       "map_cost": (before.get("map50_95", 0) - q["map50_95"]) if q else None, "gate": r.gate})
+    for key, info in st.packages.items():  # recovered and packaged, then not shipped: a cheaper lever was
+        r, got = res.records.get(key), (info.get("after") or {}).get("map50_95")
+        if key != chosen.key and r is not None and isinstance(got, (int, float)):
+            costs.append({"lever": lever_name(levers[0], r.candidate) + " (recovered, not shipped)", "key": key,
+                          "latency_ms": r.point(pct), "map_cost": before.get("map50_95", 0) - got, "gate": False})
     if isinstance(after.get("map50_95"), (int, float)) and isinstance(before.get("map50_95"), (int, float)):
         costs.append({"lever": lever, "key": chosen.key, "latency_ms": achieved_ms,
                       "map_cost": before["map50_95"] - after["map50_95"], "gate": True})

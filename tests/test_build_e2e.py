@@ -171,6 +171,8 @@ def test_interrupted_build_resumes_and_meets_a_target_between_pruned_and_unprune
     assert report["accuracy_before"]["per_class"] is not None
     assert res["frames"]["folder"] == str(frames.parent)
     assert report["frames"]["distillation"] > 0 and report["frames"]["pruning_calibration"] > 0
+    shipped = [c for c in report["lever_costs"] if c["key"] == report["verification"]["records"][-1]["key"]]
+    assert len(shipped) == 1 and shipped[0]["gate"] is True  # each candidate once; the shipped one as packaged
     assert (out / "report.md").is_file() and (out / "latency.png").stat().st_size > 1000
     assert not (out / ".work").exists()
     pub = tmp_path / "cfghome" / "prune-pack" / "signing.pub"  # the default key, created on first use
