@@ -32,6 +32,8 @@ import yaml
 from frames_domain import SHARED, val_halves  # the same half A as the recovery benchmark
 from harvest import cpu_name, export_onnx, write_video
 
+from prune_pack.agent import detect
+
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 from conftest import Broker  # noqa: E402 - the tests' real-Mosquitto helper
@@ -41,14 +43,8 @@ OUT = REPO / "bench" / "out" / "frames_e2e"
 
 
 def letterbox(img: np.ndarray, size: int) -> np.ndarray:
-    """``img`` scaled to fit ``size`` x ``size``, centred on grey (114, Ultralytics' pad value)."""
-    h, w = img.shape[:2]
-    s = size / max(h, w)
-    nh, nw = round(h * s), round(w * s)
-    canvas = np.full((size, size, 3), 114, np.uint8)
-    y, x = (size - nh) // 2, (size - nw) // 2
-    canvas[y:y + nh, x:x + nw] = cv2.resize(img, (nw, nh), interpolation=cv2.INTER_AREA)
-    return canvas
+    """``img`` on a ``size`` x ``size`` canvas as the agent feeds its model (``agent.detect.letterbox``)."""
+    return detect.letterbox(img, size)[0]
 
 
 def camera_video(images: list[Path], path: Path, size: int, fps: float, hold: float, noise: float, seed: int = 0) -> dict:

@@ -22,7 +22,6 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -37,6 +36,8 @@ from prune_pack.pruning.prune import prune_model
 from prune_pack.pruning.recover import recover
 from prune_pack.pruning.sources import resolve_dataset
 from prune_pack.pruning.validate import validate
+
+from harvest import cpu_name  # bench/harvest.py: lscpu model name, family and model (the hosts differ by those)
 
 FRAME_SEED_OFFSET = 2_000_000  # the demo's train split uses offsets 0.., its val split 1_000_000..
 
@@ -55,14 +56,6 @@ def make_frames(folder: Path, n: int) -> Path:
     return folder
 
 
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-        return next((ln.split(":", 1)[1].strip() for ln in out.splitlines() if ln.startswith("Model name")), platform.processor())
-    except (OSError, subprocess.SubprocessError):
-        return platform.processor()
-
-
 class Results:
     """One benchmark's JSON file: the run's context (date, CPU, load, arguments) and its rows, rewritten
     after every row so an interrupted run keeps what it measured. Each row gets the load average and
@@ -70,7 +63,7 @@ class Results:
 
     def __init__(self, out: Path, args: dict, rows: Optional[list[dict]] = None) -> None:
         self.out, self.rows = out, list(rows or [])
-        self.meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpu": cpu_model(), "cpus": os.cpu_count(),
+        self.meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpu": cpu_name(), "cpus": os.cpu_count(),
                      "platform": platform.platform(), "args": args, "load_start": os.getloadavg()}
 
     def emit(self, row: dict) -> dict:

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from harvest import cpu_name  # bench/harvest.py: lscpu model name, family and model (the hosts differ by those)
+
 os.environ.setdefault("YOLO_OFFLINE", "1")
 
 REPO = Path(__file__).resolve().parent.parent
@@ -235,7 +237,7 @@ def main() -> int:
         "command": " ".join([sys.executable, *sys.argv]),
         "conditions": {
             "imgsz": a.imgsz, "calib_images": len(calib), "val_images": len(val_imgs), "runs": a.runs,
-            "onnxruntime": onnxruntime.__version__, "cpu": _cpu(), "nproc": os.cpu_count(),
+            "onnxruntime": onnxruntime.__version__, "cpu": cpu_name(), "nproc": os.cpu_count(),
             "loadavg_end": os.getloadavg(), "seconds": round(time.time() - t_start),
         },
         "rows": rows,
@@ -256,16 +258,6 @@ def main() -> int:
         print(f"| {r['model']} | {mp} | {dr} | {d2} | {r['p50_ms_2t']} | {r['min_ms_2t']} | {r['cpu_ms_1t']} | "
               f"{r['speedup_p50_vs_unpruned_fp32']} / {r['speedup_min_vs_unpruned_fp32']} / {r['speedup_cpu_vs_unpruned_fp32']} |")
     return 0
-
-
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "?"
 
 
 if __name__ == "__main__":
