@@ -163,23 +163,16 @@ PROFILE_ARGS = {"backend": Arg("string", max_length=64), "precision": Arg("strin
                 "runs": Arg("integer", minimum=1, maximum=10000), "seconds": Arg("number", minimum=0.01, maximum=600)}
 
 
-def _json_object(payload: bytes) -> Any:
-    return json.loads(payload.decode("utf-8"))
-
-
-def _valid_request_id(rid: Any) -> bool:
-    return isinstance(rid, str) and 1 <= len(rid) <= 128
-
-
 def parse_request(payload: bytes) -> dict:
     """A request's JSON object with its ``request_id``; ``CommandError`` for anything else."""
     try:
-        obj = _json_object(payload)
+        obj = json.loads(payload.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError):
         raise CommandError("bad_json", "the payload is not UTF-8 JSON") from None
     if not isinstance(obj, dict):
         raise CommandError("bad_request", f"the payload must be a JSON object, got {type(obj).__name__}")
-    if not _valid_request_id(obj.get("request_id")):
+    rid = obj.get("request_id")
+    if not isinstance(rid, str) or not 1 <= len(rid) <= 128:
         raise CommandError("bad_request", "request_id (a string of 1-128 characters) is required")
     return obj
 
@@ -187,8 +180,6 @@ def parse_request(payload: bytes) -> dict:
 def request_id_of(payload: bytes) -> Optional[str]:
     """The request_id to echo even when the rest of the request is bad."""
     try:
-        obj = _json_object(payload)
-    except (UnicodeDecodeError, ValueError, RecursionError):
+        return parse_request(payload)["request_id"]
+    except CommandError:
         return None
-    rid = obj.get("request_id") if isinstance(obj, dict) else None
-    return rid if _valid_request_id(rid) else None

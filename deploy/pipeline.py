@@ -224,22 +224,24 @@ class Pipeline:
         q = self.val_cache.get(c.key)
         return None if q is None else self.reference()["map50_95"] - q["map50_95"]
 
+    def pruned_drop(self, ratio: float) -> float:
+        """mAP50-95 pruning ``ratio`` costs before any recovery."""
+        pt, _ = self.pruned(ratio)
+        return self.reference()["map50_95"] - self.validate(pt, f"pruned-r{ratio:.3f}")["map50_95"]
+
     def best_recovered_drop(self, ratio: float) -> float:
         """The least mAP50-95 cost pruning ``ratio`` can end at: its un-recovered drop less what recovery
         has ever won back (``RECOVERY_SHARE``, from the H200 measurement)."""
-        pt, _ = self.pruned(ratio)
-        now = self.validate(pt, f"pruned-r{ratio:.3f}")["map50_95"]
-        return (self.reference()["map50_95"] - now) * (1.0 - RECOVERY_SHARE)
+        return self.pruned_drop(ratio) * (1.0 - RECOVERY_SHARE)
 
     def viable(self, c: Candidate) -> bool:
         """The floor before recovery: a pruning ratio whose best recovered cost is beyond the floor is
         not worth measuring."""
         if c.ratio == 0:
             return True
-        best = self.best_recovered_drop(c.ratio)
-        ok = best <= self.opts.max_map_drop
+        ok = self.best_recovered_drop(c.ratio) <= self.opts.max_map_drop
         if not ok:
-            log(f"pruning {c.ratio:.0%} leaves mAP50-95 {best / (1.0 - RECOVERY_SHARE) * 100:.1f} points below the "
+            log(f"pruning {c.ratio:.0%} leaves mAP50-95 {self.pruned_drop(c.ratio) * 100:.1f} points below the "
                 f"unpruned model before recovery: beyond the {self.opts.max_map_drop * 100:g}-point floor even after "
                 "the best recovery measured; not measuring it or anything harsher")
         return ok
